@@ -1,0 +1,95 @@
+"""One frozen dataclass for everything a training run needs.
+
+The config travels inside every checkpoint and every exported model, so it holds plain values
+only (str, int, float, bool, None) and round-trips through JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+FREEZE_STRATEGIES = ("none", "linear", "stages", "bn")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
+AUGMENTS = ("none", "flip", "crop_flip")
+STEMS = ("auto", "cifar", "small", "imagenet")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = "cifar10"        # cifar10 | cifar100 | imagefolder
+    data_path: str | None = None    # folder or archive; None = the dataset's cache/download dir
+    input_size: int = 32            # pixels; images of other sizes are resized once, at decode
+    val_fraction: float = 0.1       # stratified hold-out of the training split
+    train_subset: int | None = None  # train on a stratified subset of this many images
+    # --- model ------------------------------------------------------------------------------
+    arch: str = "resnet20"          # a name from trainables.models.list_models()
+    depth: int | None = None        # cifar_resnet only: 6n+2
+    width: int | None = None        # base width; None = 16 (CIFAR ResNets) or 64 (ResNet-18/34/50)
+    stem: str = "auto"              # auto | cifar | small | imagenet
+    dropout: float = 0.0            # before the classifier
+    pretrained: str | None = None   # None | "torchvision" | path to a checkpoint of this project
+    freeze: str = "none"            # none | linear | stages | bn
+    frozen_stages: int = 0          # with freeze=stages: stem + this many stages are frozen
+    layer_decay: float = 1.0        # lr multiplier per stage going down from the head (1 = off)
+    # --- optimisation -----------------------------------------------------------------------
+    optimizer: str = "sgd"          # sgd | adamw
+    lr: float = 0.1                 # peak learning rate
+    momentum: float = 0.9           # sgd momentum; adamw beta1
+    nesterov: bool = True
+    weight_decay: float = 5e-4      # never applied to BatchNorm parameters or biases
+    batch_size: int = 128
+    epochs: int = 10
+    schedule: str = "onecycle"      # cosine | onecycle | step | constant
+    warmup_epochs: float = 0.0      # linear warm-up (cosine/step/constant); onecycle has its own
+    label_smoothing: float = 0.0
+    augment: str = "crop_flip"      # none | flip | crop_flip
+    crop_padding: int = 4           # pixels of reflect padding for the random crop
+    cutout: int = 0                 # side of a random zeroed square, pixels (0 = off)
+    # --- run --------------------------------------------------------------------------------
+    seed: int = 0
+    eval_batch_size: int = 1024
+    compile: bool = False           # torch.compile the model (pays off only for long runs)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """Build from a dict, refusing unknown keys (a typo must not silently do nothing)."""
+        unknown = sorted(set(values) - set(field_names()))
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; expected some of {field_names()}")
+        return cls(**values)
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def check_config(config: TrainConfig) -> None:
+    """Validate values that types alone do not catch; raise ValueError naming the key."""
+    choices = {"freeze": FREEZE_STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+               "augment": AUGMENTS, "stem": STEMS}
+    for key, allowed in choices.items():
+        value = getattr(config, key)
+        if value not in allowed:
+            raise ValueError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    positive = ("lr", "batch_size", "epochs", "input_size", "eval_batch_size")
+    for key in positive:
+        if not getattr(config, key) > 0:
+            raise ValueError(f"{key}: expected a positive number, got {getattr(config, key)!r}")
+    if not 0.0 < config.val_fraction < 1.0:
+        raise ValueError(f"val_fraction: expected a number between 0 and 1, got {config.val_fraction!r}")
+    if config.train_subset is not None and config.train_subset < 1:
+        raise ValueError(f"train_subset: expected a positive integer, got {config.train_subset!r}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"dropout: expected 0 <= dropout < 1, got {config.dropout!r}")
+    if not 0.0 < config.layer_decay <= 1.0:
+        raise ValueError(f"layer_decay: expected 0 < layer_decay <= 1, got {config.layer_decay!r}")

@@ -1,0 +1,154 @@
+"""Fine-tuning: pretrained starting points, freeze strategies, optimizer parameter groups."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .models import IMAGENET_ARCHS, ResNet, create_model
+
+log = logging.getLogger(__name__)
+
+
+class PretrainedError(ValueError):
+    """The pretrained starting point cannot be used; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a model, from scratch or from a pretrained starting point
+# ---------------------------------------------------------------------------------------------
+
+def build_model(config: TrainConfig, num_classes: int) -> ResNet:
+    if config.pretrained is None:
+        return _create(config, num_classes)
+    if config.pretrained == "torchvision" or config.pretrained.startswith("torchvision:"):
+        return _from_torchvision(config, num_classes)
+    return _from_checkpoint(config, num_classes)
+
+
+def _create(config: TrainConfig, num_classes: int) -> ResNet:
+    return create_model(config.arch, num_classes=num_classes, depth=config.depth, width=config.width,
+                        stem=config.stem, input_size=config.input_size, dropout=config.dropout)
+
+
+def model_config_of(config: TrainConfig) -> TrainConfig:
+    """With a checkpoint of this project as the start, its architecture wins over the config's."""
+    if config.pretrained is None or config.pretrained.startswith("torchvision"):
+        return config
+    saved = TrainConfig.from_dict(load_checkpoint(config.pretrained)["config"])
+    return config.replace(arch=saved.arch, depth=saved.depth, width=saved.width, stem=saved.stem)
+
+
+def _from_checkpoint(config: TrainConfig, num_classes: int) -> ResNet:
+    try:
+        checkpoint = load_checkpoint(config.pretrained)
+    except FileNotFoundError as error:
+        raise PretrainedError(f"pretrained: {error}; expected a run folder with checkpoint.pt "
+                              "or weights.safetensors + config.json written by tune-resnet") from None
+    saved = TrainConfig.from_dict(checkpoint["config"])
+    model = create_model(saved.arch, num_classes=checkpoint["num_classes"], depth=saved.depth,
+                         width=saved.width, stem=saved.stem, input_size=saved.input_size,
+                         dropout=config.dropout)
+    model.load_state_dict(checkpoint["model"])
+    if checkpoint["num_classes"] != num_classes:
+        log.info("pretrained head has %d classes, data has %d: new head", checkpoint["num_classes"], num_classes)
+        model.replace_head(num_classes)
+    return model
+
+
+def _from_torchvision(config: TrainConfig, num_classes: int) -> ResNet:
+    """ImageNet weights from the local torch hub cache (machines here have no internet)."""
+    import torchvision.models as tvm
+
+    arch = config.pretrained.split(":", 1)[1] if ":" in config.pretrained else config.arch
+    if arch not in IMAGENET_ARCHS:
+        raise PretrainedError(f"pretrained: torchvision has ImageNet weights for {', '.join(IMAGENET_ARCHS)}, "
+                              f"not {arch!r}; pick one of those as arch")
+    weights = tvm.get_weight(f"{arch.replace('resnet', 'ResNet')}_Weights.IMAGENET1K_V1")
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.exists():
+        raise PretrainedError(f"pretrained: ImageNet weights for {arch} are not in the torch cache ({path}); "
+                              f"download {weights.url} there on a machine with internet, "
+                              "or use pretrained: <run folder> of this project")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model(arch, num_classes=1000, width=64, stem=config.stem,
+                         input_size=config.input_size, dropout=config.dropout)
+    if model.conv1.weight.shape != state["conv1.weight"].shape:
+        log.info("small-image stem: the 7x7 ImageNet stem conv is not used, conv1 starts fresh")
+        state = {k: v for k, v in state.items() if not k.startswith("conv1.")}
+    model.load_state_dict(state, strict=False)
+    if num_classes != 1000:
+        model.replace_head(num_classes)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Freeze strategies
+# ---------------------------------------------------------------------------------------------
+
+def apply_freeze(model: ResNet, strategy: str, frozen_stages: int = 0) -> list[nn.Module]:
+    """Turn off gradients per strategy; return the frozen modules, whose BatchNorm stays in eval.
+
+    none: everything trains. linear: only the classifier. stages: the stem and the first
+    frozen_stages stages are frozen. bn: only BatchNorm affine parameters and the head train
+    (BatchNorm statistics adapt to the new data: that is the point of BN tuning).
+    """
+    if strategy == "none":
+        return []
+    if strategy == "bn":
+        for module in model.modules():
+            trainable = isinstance(module, nn.BatchNorm2d) or module is model.fc
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(trainable)
+        return []
+    if strategy == "linear":
+        frozen = model.stem_modules() + model.stages
+    elif strategy == "stages":
+        if not 0 <= frozen_stages <= model.num_stages:
+            raise ValueError(f"frozen_stages: expected 0..{model.num_stages} for this model, got {frozen_stages}")
+        frozen = model.stem_modules() + model.stages[:frozen_stages]
+    else:
+        raise ValueError(f"freeze: expected one of none, linear, stages, bn, got {strategy!r}")
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
+def keep_frozen_statistics(frozen: list[nn.Module]) -> None:
+    """Call after model.train(): frozen BatchNorm layers keep their running statistics."""
+    for module in frozen:
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+                sub.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer parameter groups
+# ---------------------------------------------------------------------------------------------
+
+def param_groups(model: ResNet, config: TrainConfig) -> list[dict]:
+    """No weight decay on BatchNorm parameters and biases; layer-wise lr decay from the head down.
+
+    Depth ids: stem 0, stage k is k (1-based), head num_stages + 1; a parameter at depth d gets
+    lr * layer_decay ** (num_stages + 1 - d).
+    """
+    top = model.num_stages + 1
+    depth_of = {id(p): 0 for m in model.stem_modules() for p in m.parameters()}
+    for k, stage in enumerate(model.stages, start=1):
+        depth_of.update({id(p): k for p in stage.parameters()})
+    groups: dict[tuple[int, bool], dict] = {}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        depth = depth_of.get(id(param), top)
+        decay = param.ndim > 1  # conv and linear weights; BN weights and all biases are 1-d
+        group = groups.setdefault((depth, decay), {
+            "params": [], "weight_decay": config.weight_decay if decay else 0.0,
+            "lr_scale": config.layer_decay ** (top - depth)})
+        group["params"].append(param)
+    return list(groups.values())

@@ -1,0 +1,223 @@
+"""The training loop: a plain object of (config, splits), no Ray, no CLI.
+
+    trainer = Trainer(config, splits)
+    for metrics in trainer.epochs():   # one EpochMetrics per epoch, from wherever it stands
+        ...                            # report, checkpoint (trainer.state_dict()), stop early
+
+Resuming continues exactly: every epoch's data order, augmentation and dropout come from
+generators seeded by (seed, epoch), so a run restored at an epoch boundary replays the same
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig, check_config
+from .data import Splits, augment, normalize
+from .finetune import apply_freeze, build_model, keep_frozen_statistics, model_config_of, param_groups
+
+NAN_CHECK_EVERY = 32  # steps; checking every step would sync the GPU every step
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the configuration diverged."""
+
+    def __init__(self, epoch: int, step: int, loss: float) -> None:
+        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}: the run diverged")
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int                  # 1-based: epochs completed
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float                   # at the end of the epoch, head group
+    epoch_time_s: float         # train + validation
+    train_images_per_sec: float  # training steps alone
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedule: a multiplier of the peak lr per optimizer step
+# ---------------------------------------------------------------------------------------------
+
+def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    # 1) onecycle: linear up over the first 25% of steps, then linear down to zero
+    if schedule == "onecycle":
+        peak = max(1, int(0.25 * total_steps))
+        return (step + 1) / peak if step < peak else max(0.0, (total_steps - step) / (total_steps - peak))
+    # 2) linear warm-up for the others
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    # 3) the decay proper
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":  # x0.1 at half and at three quarters of the run
+        return 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+    return 1.0  # constant
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, config: TrainConfig, splits: Splits, *, device: torch.device | str | None = None):
+        check_config(config)
+        self.config = model_config_of(config)
+        self.splits = splits
+        self.device = torch.device(device) if device is not None else default_device()
+        self.cuda = self.device.type == "cuda"
+        torch.manual_seed(config.seed)  # model initialisation
+        self.model = build_model(self.config, num_classes=len(splits.classes))
+        self.frozen = apply_freeze(self.model, config.freeze, config.frozen_stages)
+        self.model.to(self.device, memory_format=torch.channels_last if self.cuda else torch.contiguous_format)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = max(1, len(splits.train_labels) // config.batch_size)  # drop_last
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        # Data lives on the device as uint8 (4x smaller than float); batches are made from it.
+        self.train_x = splits.train_images.to(self.device)
+        self.train_y = splits.train_labels.to(self.device)
+        self.val_x = splits.val_images.to(self.device)
+        self.val_y = splits.val_labels.to(self.device)
+        self.mean = torch.tensor(splits.mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(splits.std, device=self.device).view(1, 3, 1, 1)
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        config = self.config
+        groups = param_groups(self.model, config)
+        for group in groups:
+            group["lr"] = config.lr * group["lr_scale"]
+        if config.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999), fused=self.cuda or None)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+
+    def _lr_lambda(self, step: int) -> float:
+        warmup = int(self.config.warmup_epochs * self.steps_per_epoch)
+        return lr_multiplier(step, total_steps=self.total_steps, warmup_steps=warmup, schedule=self.config.schedule)
+
+    # --- one epoch ---------------------------------------------------------------------------
+
+    def train_epoch(self) -> tuple[float, float, float]:
+        """(mean train loss, train accuracy, training images per second) of one epoch."""
+        config, epoch = self.config, self.epoch
+        generator = torch.Generator(device=self.device).manual_seed(config.seed * 100_003 + epoch)
+        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout
+        order = torch.randperm(len(self.train_y), generator=generator, device=self.device)
+        self.model.train()
+        keep_frozen_statistics(self.frozen)
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        self._sync()
+        start = time.perf_counter()
+        for step in range(self.steps_per_epoch):
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            images, labels = self._train_batch(index, generator), self.train_y[index]
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+                logits = self.forward(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total_loss += loss.detach()
+            correct += (logits.argmax(1) == labels).sum()
+            if (step + 1) % NAN_CHECK_EVERY == 0:
+                self._check_finite(total_loss, step)
+        self._check_finite(total_loss, self.steps_per_epoch - 1)
+        elapsed = time.perf_counter() - start
+        seen = self.steps_per_epoch * config.batch_size
+        return total_loss.item() / self.steps_per_epoch, correct.item() / seen, seen / elapsed
+
+    def _train_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        config = self.config
+        images = normalize(self.train_x[index], self.mean, self.std)
+        if config.augment != "none" or config.cutout:
+            crop = config.crop_padding if config.augment == "crop_flip" else 0
+            images = augment(images, flip=config.augment != "none", crop_padding=crop,
+                             cutout=config.cutout, generator=generator)
+        return images.contiguous(memory_format=torch.channels_last) if self.cuda else images
+
+    def _check_finite(self, total_loss: torch.Tensor, step: int) -> None:
+        value = total_loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self.epoch + 1, step + 1, value)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        """(mean loss, accuracy, predictions) on uint8 images, in eval mode, no augmentation."""
+        self.model.eval()
+        total_loss, predictions = 0.0, []
+        for start in range(0, len(labels), self.config.eval_batch_size):
+            batch = normalize(images[start:start + self.config.eval_batch_size].to(self.device), self.mean, self.std)
+            target = labels[start:start + self.config.eval_batch_size].to(self.device)
+            if self.cuda:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+                logits = self.forward(batch).float()
+            total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+            predictions.append(logits.argmax(1).cpu())
+        predictions = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+        accuracy = (predictions == labels.cpu()).float().mean().item() if len(labels) else float("nan")
+        return total_loss / max(1, len(labels)), accuracy, predictions
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def epochs(self) -> Iterator[EpochMetrics]:
+        """Train the remaining epochs, yielding metrics after each (validation included)."""
+        while self.epoch < self.config.epochs:
+            start = time.perf_counter()
+            train_loss, train_acc, images_per_sec = self.train_epoch()
+            val_loss, val_acc = self.evaluate(self.val_x, self.val_y)[:2] if len(self.val_y) else (math.nan, math.nan)
+            self.epoch += 1
+            metrics = EpochMetrics(self.epoch, train_loss, train_acc, val_loss, val_acc,
+                                   self.optimizer.param_groups[-1]["lr"], time.perf_counter() - start,
+                                   images_per_sec)
+            self.history.append(metrics.to_dict())
+            yield metrics
+
+    def fit(self) -> list[EpochMetrics]:
+        return list(self.epochs())
+
+    # --- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to continue exactly, plus what a user of the model needs (config, classes...)."""
+        return {"config": self.config.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch, "history": list(self.history), "classes": list(self.splits.classes),
+                "num_classes": len(self.splits.classes), "mean": list(self.splits.mean),
+                "std": list(self.splits.std)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = state["epoch"]
+        self.history = list(state["history"])
