@@ -1,0 +1,42 @@
+"""YAML search spaces -> validated specs -> Optuna define-by-run functions and samplers.
+
+Knows YAML, pydantic and Optuna only: never torch, ray or click.
+"""
+
+from __future__ import annotations
+
+from search_spaces._errors import SpaceError
+from search_spaces._loader import load_space, parse_space
+from search_spaces._params import DISTRIBUTIONS, ParamSpec
+from search_spaces._sampler import build_sampler
+from search_spaces._spec import (
+    BudgetSpec,
+    DataSpec,
+    ExportSpec,
+    ModelSpec,
+    ObjectiveSpec,
+    ParamsSpec,
+    RefitSpec,
+    SamplerSpec,
+    SearchSpec,
+    TrialSpec,
+)
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "BudgetSpec",
+    "DataSpec",
+    "ExportSpec",
+    "ModelSpec",
+    "ObjectiveSpec",
+    "ParamSpec",
+    "ParamsSpec",
+    "RefitSpec",
+    "SamplerSpec",
+    "SearchSpec",
+    "SpaceError",
+    "TrialSpec",
+    "build_sampler",
+    "load_space",
+    "parse_space",
+]

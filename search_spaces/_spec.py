@@ -1,0 +1,220 @@
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import optuna
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from search_spaces._errors import _AtKey, short_repr, to_space_error
+from search_spaces._params import ParamSpec, check_not_float_string, grid_space, order_params
+
+ParamsSpec = Mapping[str, ParamSpec]
+
+# ---------------------------------------------------------------- sections
+
+_BEST_MODE = {"val_acc": "max", "val_loss": "min"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Section):
+    dataset: str = "cifar10"  # cifar10 | cifar100 | imagefolder: the caller knows which it supports
+    path: str | None = None  # a folder or an archive; --data overrides
+    val_fraction: float = Field(0.1, gt=0, lt=1)  # of the training split, held out for the search
+    train_subset: PositiveInt | None = None  # training examples; None = all
+    input_size: PositiveInt = 32  # pixels, square
+
+
+class ModelSpec(_Section):
+    pretrained: str | None = None  # None, "torchvision", or a path to an exported model
+
+
+class ObjectiveSpec(_Section):
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    mode: Literal["max", "min"] = "max"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        # `{metric: val_loss}` alone must not be maximised.
+        if isinstance(data, dict) and "mode" not in data:
+            return {**data, "mode": _BEST_MODE.get(data.get("metric", "val_acc"), "max")}
+        return data
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> ObjectiveSpec:
+        if self.mode != _BEST_MODE[self.metric]:
+            raise _AtKey(("mode",), f"expected '{_BEST_MODE[self.metric]}' for {self.metric}, got '{self.mode}'")
+        return self
+
+
+class BudgetSpec(_Section):
+    num_samples: PositiveInt = 16  # trials
+    max_epochs: PositiveInt = 10  # per trial; ASHA's max_t
+    grace_period: PositiveInt = 1  # epochs a trial runs before ASHA may stop it
+    reduction_factor: float = Field(3, gt=1)  # ASHA keeps 1/reduction_factor at each rung
+    time_limit_s: PositiveFloat | None = None  # wall clock for the whole search
+
+    @model_validator(mode="after")
+    def _check_grace(self) -> BudgetSpec:
+        if self.grace_period > self.max_epochs:
+            raise _AtKey(("grace_period",), f"expected <= max_epochs ({self.max_epochs}), got {self.grace_period}")
+        return self
+
+
+class SamplerSpec(_Section):
+    type: Literal["tpe", "random", "cmaes", "qmc", "grid"] = "tpe"
+    seed: int = 0  # same seed, same sampled configurations
+    n_startup_trials: NonNegativeInt | None = None  # tpe/cmaes random warm-up; None = Optuna's default
+    multivariate: bool = True  # tpe only
+
+
+class TrialSpec(_Section):
+    cpus: PositiveFloat = 1  # per trial
+    gpus: int | float | Literal["auto"] = 0  # per trial; a fraction shares one GPU
+
+    @field_validator("gpus", mode="before")
+    @classmethod
+    def _check_gpus(cls, gpus: Any) -> Any:
+        if gpus == "auto":
+            return gpus
+        if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or gpus < 0:
+            raise ValueError(f"expected a number >= 0 or 'auto', got {short_repr(gpus)}")
+        if gpus > 1 and gpus != int(gpus):
+            raise ValueError(f"expected a fraction <= 1 or a whole number, got {gpus}")
+        return gpus
+
+
+class RefitSpec(_Section):
+    epochs: PositiveInt | None = None  # None = budget.max_epochs
+    warm_start: bool = False
+
+
+class ExportSpec(_Section):
+    formats: tuple[Literal["torchscript", "onnx", "safetensors"], ...] = ("torchscript", "onnx", "safetensors")
+
+
+# ---------------------------------------------------------------- the spec
+
+# with_overrides() keyword -> "section.field"
+_OVERRIDES = {
+    "num_samples": "budget.num_samples", "max_epochs": "budget.max_epochs", "grace_period": "budget.grace_period",
+    "time_limit_s": "budget.time_limit_s", "seed": "sampler.seed", "sampler": "sampler.type",
+    "cpus": "trial.cpus", "gpus": "trial.gpus", "data_path": "data.path", "train_subset": "data.train_subset",
+    "pretrained": "model.pretrained",
+}  # fmt: skip
+
+
+class SearchSpec(_Section):
+    """A validated search-space file. Build one with load_space() or parse_space()."""
+
+    name: str
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+    budget: BudgetSpec = BudgetSpec()
+    sampler: SamplerSpec = SamplerSpec()
+    trial: TrialSpec = TrialSpec()
+    refit: RefitSpec = RefitSpec()
+    export: ExportSpec = ExportSpec()
+    params: dict[str, ParamSpec]  # ordered parents first, so one pass samples them
+    fixed: dict[str, Any] = {}  # passed to every trial unchanged
+    _source: str = PrivateAttr("<space>")  # for error messages raised after loading
+
+    @field_validator("params")
+    @classmethod
+    def _order_params(cls, params: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        if not params:
+            raise ValueError("expected at least one parameter, got none")
+        return order_params(params)
+
+    @field_validator("fixed")
+    @classmethod
+    def _check_fixed(cls, fixed: dict[str, Any]) -> dict[str, Any]:
+        for name, value in fixed.items():
+            for item in value if isinstance(value, list) else [value]:
+                try:
+                    check_not_float_string(item)
+                except ValueError as err:
+                    raise _AtKey((name,), str(err)) from None
+        return fixed
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> SearchSpec:
+        if self.sampler.type == "grid":
+            try:
+                grid_space(self.params)
+            except _AtKey as err:
+                raise _AtKey(("params", *err.key), err.message) from None
+        return self
+
+    def sample(self, trial: optuna.Trial) -> dict[str, Any]:
+        """Suggest every active parameter; returns suggested and constant values alike."""
+        values: dict[str, Any] = {}
+        for name, param in self.params.items():
+            if param.is_active(values):
+                values[name] = param.suggest(trial, name)
+        return values
+
+    def define_by_run(self) -> Callable[[optuna.Trial], dict[str, Any]]:
+        """The `space` for Ray's OptunaSearch: suggests, and returns only the active constants."""
+        # A partial, not a closure: Ray pickles the searcher (with its space) in checkpoints.
+        return functools.partial(_active_constants, self)
+
+    def resolved_config(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return {**self.fixed, **params}
+
+    def with_overrides(self, **overrides: Any) -> SearchSpec:
+        """A copy with command-line values applied (None = not given), validated again."""
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in overrides.items():
+            if key not in _OVERRIDES:
+                raise TypeError(f"unknown override {key!r}; expected one of {', '.join(_OVERRIDES)}")
+            if value is not None:
+                section, field = _OVERRIDES[key].split(".")
+                sections.setdefault(section, getattr(self, section).model_dump())[field] = value
+        budget = sections.get("budget", {})
+        if "max_epochs" in budget and overrides.get("grace_period") is None:
+            # A shorter run from the command line should not fail on the file's grace period.
+            budget["grace_period"] = min(budget["grace_period"], budget["max_epochs"])
+        return validate_space({**dict(self), **sections}, self._source)
+
+    def describe(self) -> list[str]:
+        """Lines for a --dry-run print."""
+        width = max(map(len, self.params))
+        lines = [f"space {self.name} ({self._source})", "params:"]
+        lines += [f"  {name:<{width}}  {param.describe()}" for name, param in self.params.items()]
+        lines += ["fixed:"] + [f"  {name} = {value!r}" for name, value in self.fixed.items()] if self.fixed else []
+        for section in ("objective", "budget", "sampler", "trial", "data", "model", "refit", "export"):
+            values = getattr(self, section).model_dump()
+            lines.append(f"{section}: " + ", ".join(f"{key}={value}" for key, value in values.items()))
+        return lines
+
+
+def _active_constants(spec: SearchSpec, trial: optuna.Trial) -> dict[str, Any]:
+    values = spec.sample(trial)
+    return {name: value for name, value in values.items() if spec.params[name].kind == "value"}
+
+
+def validate_space(data: dict[str, Any], source: str) -> SearchSpec:
+    try:
+        spec = SearchSpec.model_validate(data)
+    except ValidationError as err:
+        raise to_space_error(err, source, SearchSpec) from None
+    spec._source = source
+    return spec
