@@ -174,8 +174,10 @@ def _read_image_folder(source: Path, input_size: int):
     for name in ("train", eval_name):
         items = [(reader, classes.index(cls)) for cls in classes for reader in splits[name][cls]]
         images, labels, bad = _decode_all(items, input_size)
-        if not len(images):
-            raise DataError(f"{source}: no readable images in {name}/; expected image files in {name}/<class>/")
+        empty = [c for i, c in enumerate(classes) if not (labels == i).any()]
+        if empty:
+            raise DataError(f"{source}: no readable images in {name}/{empty[0]}/; expected image files "
+                            f"in every {name}/<class>/ folder")
         decoded[name], skipped = (images, labels), skipped + bad
     if skipped:
         log.warning("skipped %d unreadable image files in %s", skipped, source)
@@ -207,15 +209,14 @@ def _group_by_split(entries: list[tuple[str, object]], source: Path) -> dict[str
         for i in range(len(parts) - 2):
             if parts[i] in ("train", "test", "val") and len(parts) - i == 3:
                 if not parts[-1].startswith("."):  # any other file is tried; unreadable ones are counted
-                    splits.setdefault(parts[i], {}).setdefault(parts[i + 1], []).append(reader)
+                    splits.setdefault(parts[i], {}).setdefault(parts[i + 1], []).append((name, reader))
                 break
     if "train" not in splits or not ({"test", "val"} & set(splits)):
         raise DataError(f"--data: {source} has no train/<class>/ and test/<class>/ (or val/<class>/) "
                         "image folders; lay the images out as train/<class>/*.jpg and test/<class>/*.jpg")
-    for split in splits.values():
-        for readers in split.values():
-            readers.sort(key=str)  # deterministic order, whatever the file system says
-    return splits
+    # deterministic order by file name, whatever the file system or archive says
+    return {split: {cls: [reader for _, reader in sorted(named, key=lambda item: item[0])]
+                    for cls, named in classes.items()} for split, classes in splits.items()}
 
 
 def _decode_all(items: list[tuple[object, int]], size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -344,7 +345,8 @@ def augment(images: torch.Tensor, *, flip: bool, crop_padding: int, cutout: int,
         cols = torch.randint(0, width, (n, 1, 1), generator=generator, device=device)
         y = torch.arange(height, device=device)[None, :, None]
         x = torch.arange(width, device=device)[None, None, :]
-        hole = ((y - rows).abs() <= cutout // 2) & ((x - cols).abs() <= cutout // 2)  # (N, H, W)
+        top, left = rows - cutout // 2, cols - cutout // 2  # a cutout x cutout square around (row, col)
+        hole = (y >= top) & (y < top + cutout) & (x >= left) & (x < left + cutout)  # (N, H, W)
         images = images.masked_fill(hole[:, None], 0.0)  # 0 = the mean after normalisation
     return images
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .models import IMAGENET_ARCHS, ResNet, create_model
+from .models import IMAGENET_ARCHS, ResNet, create_model, resolve_stem
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +37,29 @@ def _create(config: TrainConfig, num_classes: int) -> ResNet:
 
 
 def model_config_of(config: TrainConfig) -> TrainConfig:
-    """With a checkpoint of this project as the start, its architecture wins over the config's."""
-    if config.pretrained is None or config.pretrained.startswith("torchvision"):
-        return config
-    saved = TrainConfig.from_dict(load_checkpoint(config.pretrained)["config"])
-    return config.replace(arch=saved.arch, depth=saved.depth, width=saved.width, stem=saved.stem)
+    """The config that describes the model actually built: a checkpoint's architecture wins over
+    the config's, a torchvision start is its ImageNet ResNet, and the stem is never left 'auto'."""
+    if config.pretrained is None:
+        resolved = config
+    elif config.pretrained.startswith("torchvision"):
+        resolved = config.replace(arch=_torchvision_arch(config), width=None)
+    else:
+        saved = TrainConfig.from_dict(_load_pretrained(config.pretrained)["config"])
+        resolved = config.replace(arch=saved.arch, depth=saved.depth, width=saved.width,
+                                  stem=resolve_stem(saved.arch, saved.stem, saved.input_size))
+    return resolved.replace(stem=resolve_stem(resolved.arch, resolved.stem, resolved.input_size))
 
 
-def _from_checkpoint(config: TrainConfig, num_classes: int) -> ResNet:
+def _load_pretrained(path: str) -> dict:
     try:
-        checkpoint = load_checkpoint(config.pretrained)
+        return load_checkpoint(path)
     except FileNotFoundError as error:
         raise PretrainedError(f"pretrained: {error}; expected a run folder with checkpoint.pt "
                               "or weights.safetensors + config.json written by tune-resnet") from None
+
+
+def _from_checkpoint(config: TrainConfig, num_classes: int) -> ResNet:
+    checkpoint = _load_pretrained(config.pretrained)
     saved = TrainConfig.from_dict(checkpoint["config"])
     model = create_model(saved.arch, num_classes=checkpoint["num_classes"], depth=saved.depth,
                          width=saved.width, stem=saved.stem, input_size=saved.input_size,
@@ -61,14 +71,19 @@ def _from_checkpoint(config: TrainConfig, num_classes: int) -> ResNet:
     return model
 
 
-def _from_torchvision(config: TrainConfig, num_classes: int) -> ResNet:
-    """ImageNet weights from the local torch hub cache (machines here have no internet)."""
-    import torchvision.models as tvm
-
+def _torchvision_arch(config: TrainConfig) -> str:
     arch = config.pretrained.split(":", 1)[1] if ":" in config.pretrained else config.arch
     if arch not in IMAGENET_ARCHS:
         raise PretrainedError(f"pretrained: torchvision has ImageNet weights for {', '.join(IMAGENET_ARCHS)}, "
                               f"not {arch!r}; pick one of those as arch")
+    return arch
+
+
+def _from_torchvision(config: TrainConfig, num_classes: int) -> ResNet:
+    """ImageNet weights from the local torch hub cache (machines here have no internet)."""
+    import torchvision.models as tvm
+
+    arch = _torchvision_arch(config)
     weights = tvm.get_weight(f"{arch.replace('resnet', 'ResNet')}_Weights.IMAGENET1K_V1")
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.exists():

@@ -61,7 +61,7 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: s
     # 1) onecycle: linear up over the first 25% of steps, then linear down to zero
     if schedule == "onecycle":
         peak = max(1, int(0.25 * total_steps))
-        return (step + 1) / peak if step < peak else max(0.0, (total_steps - step) / (total_steps - peak))
+        return (step + 1) / peak if step < peak else max(0.0, (total_steps - step) / max(1, total_steps - peak))
     # 2) linear warm-up for the others
     if step < warmup_steps:
         return (step + 1) / warmup_steps
@@ -85,6 +85,8 @@ class Trainer:
         self.splits = splits
         self.device = torch.device(device) if device is not None else default_device()
         self.cuda = self.device.type == "cuda"
+        if not self.cuda:
+            torch.set_flush_denormal(True)  # denormal floats late in training can slow CPU kernels many-fold
         torch.manual_seed(config.seed)  # model initialisation
         self.model = build_model(self.config, num_classes=len(splits.classes))
         self.frozen = apply_freeze(self.model, config.freeze, config.frozen_stages)
@@ -148,7 +150,7 @@ class Trainer:
                 self._check_finite(total_loss, step)
         self._check_finite(total_loss, self.steps_per_epoch - 1)
         elapsed = time.perf_counter() - start
-        seen = self.steps_per_epoch * config.batch_size
+        seen = min(self.steps_per_epoch * config.batch_size, len(self.train_y))  # a short set: one small batch
         return total_loss.item() / self.steps_per_epoch, correct.item() / seen, seen / elapsed
 
     def _train_batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -1,0 +1,181 @@
+"""End-to-end searches through the real Ray Tune, OptunaSearch and ASHA, on tiny generated data.
+
+One Ray instance serves the whole session (start-up costs seconds); it declares 4 GPUs that do
+not exist, so GPU allocation is checked through the ids Ray gives each trial.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from tuner.cli import main
+
+DECLARED_GPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=DECLARED_GPUS, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def write_space(folder: Path, data: Path, **sections) -> Path:
+    space = {
+        "name": "tiny",
+        "data": {"dataset": "imagefolder", "path": str(data), "val_fraction": 0.2, "input_size": 16},
+        "budget": {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 3},
+        "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 3},
+        "trial": {"cpus": 1, "gpus": 0},
+        "params": {"lr": {"loguniform": [1.0e-4, 1.0]}, "batch_size": {"choice": [8, 16]}},
+        "fixed": {"arch": "cifar_resnet", "depth": 8, "width": 4, "schedule": "constant",
+                  "augment": "none", "eval_batch_size": 64},
+        "refit": {"epochs": 2},
+    }
+    for key, value in sections.items():
+        space[key] = {**space[key], **value} if isinstance(value, dict) and key != "params" else value
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def search(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, ["search", *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def run_tables(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
+    trials = pq.read_table(run_dir / "trials.parquet").to_pylist()
+    history = pq.read_table(run_dir / "history.parquet").to_pylist()
+    return trials, history, json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished_search(ray_session, image_folder, tmp_path_factory):
+    """A 6-trial search, one trial at a time so ASHA's decisions are reproducible, with a refit."""
+    folder = tmp_path_factory.mktemp("search")
+    space = write_space(folder, image_folder)
+    code, output = search("--space", str(space), "--storage", str(folder / "runs"), "--name", "first",
+                          "--max-concurrent", "1")
+    assert code == 0, output
+    return folder, space, output
+
+
+def test_search_writes_tables_that_agree_with_the_summary(finished_search):
+    folder, _, output = finished_search
+    trials, history, summary = run_tables(folder / "runs" / "first")
+    assert len(trials) == 6
+    statuses = {t["status"] for t in trials}
+    assert statuses <= {"completed", "early_stopped"}
+    assert summary["by_status"]["early_stopped"] >= 1, "ASHA stopped no trial"
+    assert sum(t["epochs"] for t in trials) == len(history) == summary["epochs_spent"]
+    assert summary["epochs_without_early_stopping"] == 6 * 3
+    best = max(trials, key=lambda t: t["best_val_acc"])
+    assert summary["best_trial_id"] == best["trial_id"]
+    assert summary["best_val_acc"] == pytest.approx(best["best_val_acc"])
+    assert f"best val_acc: {best['best_val_acc']:.4f}" in output
+    for trial in trials:  # the status follows from the epochs run
+        rows = [h for h in history if h["trial_id"] == trial["trial_id"]]
+        assert [h["training_iteration"] for h in rows] == list(range(1, trial["epochs"] + 1))
+        assert (trial["status"] == "completed") == (trial["epochs"] == 3)
+        assert trial["best_val_acc"] == pytest.approx(max(h["val_acc"] for h in rows))
+        assert {"config/lr", "config/batch_size"} <= set(trial)
+
+
+def test_search_prints_progress_and_refits(finished_search):
+    folder, _, output = finished_search
+    assert "completed" in output and "stopped early" in output and "best val_acc" in output
+    best = folder / "runs" / "first" / "best"
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and 0.0 <= metrics["test_acc"] <= 1.0
+    assert metrics["test"]["images"] == 18  # 3 classes x 6 test images, evaluated once
+    assert metrics["train_images"] == 72  # train + validation: the refit holds nothing out
+    assert (best / "weights.safetensors").exists() and (best / "config.json").exists()
+
+
+def test_same_seed_samples_the_same_configurations(finished_search):
+    folder, space, _ = finished_search
+    code, output = search("--space", str(space), "--storage", str(folder / "runs"), "--name", "second",
+                          "--max-concurrent", "1", "--no-refit")
+    assert code == 0, output
+    first, _, _ = run_tables(folder / "runs" / "first")
+    second, _, _ = run_tables(folder / "runs" / "second")
+    configs = [[(t["config/lr"], t["config/batch_size"]) for t in trials] for trials in (first, second)]
+    assert configs[0] == configs[1]
+    assert len(set(configs[0])) == 6
+
+
+def test_each_trial_sees_only_its_own_gpu(ray_session, image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, trial={"cpus": 0.5, "gpus": 1},
+                        budget={"num_samples": 8, "max_epochs": 2, "grace_period": 2})
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "gpus",
+                          "--gpus", str(DECLARED_GPUS), "--no-refit")
+    assert code == 0, output
+    assert f"{DECLARED_GPUS} at a time" in output
+    trials, _, _ = run_tables(tmp_path / "runs" / "gpus")
+    assert len(trials) == 8
+    for trial in trials:
+        assert trial["gpu_ids"] in {str(i) for i in range(DECLARED_GPUS)}
+        assert trial["cuda_visible_devices"] == trial["gpu_ids"]  # Ray hides the other GPUs
+    for a in trials:  # trials that overlap in time never share a GPU
+        for b in trials:
+            overlap = a["started_at"] < b["ended_at"] and b["started_at"] < a["ended_at"]
+            if a is not b and overlap:
+                assert a["gpu_ids"] != b["gpu_ids"]
+
+
+def test_gpus_flag_caps_concurrency(ray_session, image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, trial={"cpus": 0.5, "gpus": 1})
+    code, output = search("--space", str(space), "--storage", str(tmp_path), "--gpus", "2", "--dry-run")
+    assert code == 0, output
+    code, output = search("--space", str(space), "--storage", str(tmp_path), "--gpus", "2",
+                          "--num-samples", "2", "--max-epochs", "1", "--no-refit")
+    assert code == 0, output
+    assert "2 at a time" in output
+
+
+def test_more_gpus_than_the_cluster_has_fails_fast(ray_session, image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, trial={"gpus": 1})
+    code, output = search("--space", str(space), "--storage", str(tmp_path), "--gpus", "16")
+    assert code == 2
+    assert "--gpus: 16 asked, but the cluster has 4" in output
+    assert not (tmp_path / "tiny").exists()
+
+
+def test_dry_run_prints_the_space_and_starts_nothing(image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder)
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--dry-run",
+                          "--num-samples", "11")
+    assert code == 0, output
+    assert "lr" in output and "loguniform" in output and "trials: 11" in output
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"budget": {"max_epochs": 2, "grace_period": 5}}, "grace_period"),
+    ({"params": {"lr": {"loguniform": [0, 1.0]}}}, "positive lower bound"),
+    ({"params": {"arch": {"choice": ["resnet21"]}}}, "resnet20"),
+    ({"params": {"weight_decy": {"uniform": [0.1, 0.2]}}}, "did you mean 'weight_decay'"),
+    ({"fixed": {"schedule": "linear"}}, "schedule"),
+    ({"data": {"path": "/no/such/folder"}}, "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(image_folder, tmp_path, edit, message):
+    space = write_space(tmp_path, image_folder, **edit)
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"))
+    assert code == 2, output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_space_file_is_one_line(tmp_path):
+    code, output = search("--space", str(tmp_path / "nope.yaml"))
+    assert code == 2 and len(output.strip().splitlines()) == 1 and "nope.yaml" in output

@@ -1,0 +1,265 @@
+"""Every Ray call of the project lives here: start/join Ray, the trial function, the Tuner.
+
+Ray's API moves between releases; keeping it in one module keeps the churn in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from trainables.checkpoint import load_checkpoint, save_checkpoint
+from trainables.config import TrainConfig
+from trainables.data import Splits, load_data, make_splits
+from trainables.train import NonFiniteLossError, Trainer
+
+METRIC_DIVERGED = "diverged"
+KEEP_CHECKPOINTS = 2  # per trial: the latest (to resume) and one before it
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or joined, or cannot give what was asked."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray itself
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cluster:
+    cpus: float
+    gpus: float
+    nodes: int
+    max_gpus_per_node: float
+    embedded: bool
+
+
+def start(*, address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool) -> Cluster:
+    """Start Ray embedded (default) or join a running cluster (address, e.g. 'auto')."""
+    if ray.is_initialized():  # tests share one Ray per session
+        return _describe(embedded=address is None)
+    options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
+                                   logging_level=logging.INFO if verbose else logging.ERROR)
+    try:
+        if address:
+            ray.init(address=address, **options)
+        else:
+            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **options)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        where = f"at {address!r}" if address else "locally"
+        hint = "start one with `ray start --head` or `ray up cluster.yaml`" if address else "check --cpus/--gpus"
+        raise ClusterError(f"--address: no Ray cluster reachable {where} ({str(error).splitlines()[0]}); {hint}") from None
+    return _describe(embedded=address is None)
+
+
+def _describe(*, embedded: bool) -> Cluster:
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    per_node_gpus = [n.get("Resources", {}).get("GPU", 0.0) for n in nodes] or [0.0]
+    return Cluster(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0), nodes=len(nodes),
+                   max_gpus_per_node=max(per_node_gpus), embedded=embedded)
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial: a plain function of config, as Ray Tune wants it
+# ---------------------------------------------------------------------------------------------
+
+_SPLITS: dict[tuple, Splits] = {}  # per process: a reused actor loads and splits the data once
+
+
+def _splits_for(config: TrainConfig, cache_dir: str | None) -> Splits:
+    key = (config.dataset, config.data_path, config.input_size, config.val_fraction, config.seed,
+           config.train_subset, cache_dir)
+    if key not in _SPLITS:
+        data = load_data(config.dataset, config.data_path, input_size=config.input_size,
+                         cache_dir=Path(cache_dir) if cache_dir else None)
+        _SPLITS.clear()
+        _SPLITS[key] = make_splits(data, val_fraction=config.val_fraction, seed=config.seed,
+                                   train_subset=config.train_subset)
+    return _SPLITS[key]
+
+
+def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None, threads: int) -> None:
+    """Train one sampled configuration, reporting and checkpointing once per epoch."""
+    import torch
+
+    torch.set_num_threads(threads)
+    config = TrainConfig.from_dict({**base, **params})
+    trainer = Trainer(config, _splits_for(config, cache_dir))
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:  # a retried or resumed trial continues from its last epoch
+        with checkpoint.as_directory() as folder:
+            trainer.load_state_dict(load_checkpoint(folder))
+    where = {"node_ip": ray.util.get_node_ip_address(), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "started_at": time.time()}
+    _fault_hook(trainer.epoch)
+    try:
+        for metrics in trainer.epochs():
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(folder, trainer.state_dict())
+                tune.report({**metrics.to_dict(), **where, METRIC_DIVERGED: 0},
+                            checkpoint=tune.Checkpoint.from_directory(folder))
+            _fault_hook(trainer.epoch)
+    except NonFiniteLossError as error:
+        # Not a crash and not worth a retry: tell the scheduler and the sampler it scored nothing.
+        tune.report({"epoch": error.epoch, "val_acc": 0.0, "val_loss": float(1e9), **where, METRIC_DIVERGED: 1})
+
+
+def _fault_hook(epoch: int) -> None:
+    """Tests kill a trial's process at a chosen epoch: TUNE_RESNET_CRASH_AT_EPOCH=<n>, once per marker file."""
+    crash_at, marker = os.environ.get("TUNE_RESNET_CRASH_AT_EPOCH"), os.environ.get("TUNE_RESNET_CRASH_MARKER")
+    if crash_at and marker and epoch == int(crash_at) and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The search
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchPlan:
+    name: str
+    storage: str                    # absolute folder or URI; the run lands in storage/name
+    define_by_run: Callable          # optuna define-by-run space
+    sampler: optuna.samplers.BaseSampler
+    metric: str
+    mode: str
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: float
+    time_limit_s: float | None
+    max_concurrent: int
+    cpus_per_trial: float
+    gpus_per_trial: float
+    base_config: dict[str, Any]
+    cache_dir: str | None
+    verbose: bool
+    max_failures: int = 2
+
+
+def _trainable(plan: SearchPlan):
+    threads = max(1, int(plan.cpus_per_trial))
+    fn = tune.with_parameters(trial, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads)
+    return tune.with_resources(fn, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
+
+
+def run_search(plan: SearchPlan, *, callbacks: list[tune.Callback], resume: bool) -> tune.ResultGrid:
+    path = experiment_path(plan)
+    if not plan.verbose:  # the legacy reporter at verbose=0 prints nothing; ours prints progress
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if resume:
+        tuner = tune.Tuner.restore(path, trainable=_trainable(plan), resume_errored=True)
+    else:
+        tuner = tune.Tuner(_trainable(plan), tune_config=_tune_config(plan), run_config=_run_config(plan, callbacks))
+    return tuner.fit()
+
+
+def can_resume(plan: SearchPlan) -> bool:
+    return tune.Tuner.can_restore(experiment_path(plan))
+
+
+def experiment_path(plan: SearchPlan) -> str:
+    return f"{plan.storage.rstrip('/')}/{plan.name}"
+
+
+def _tune_config(plan: SearchPlan) -> tune.TuneConfig:
+    searcher = OptunaSearch(space=plan.define_by_run, metric=plan.metric, mode=plan.mode, sampler=plan.sampler)
+    scheduler = ASHAScheduler(time_attr="training_iteration", metric=plan.metric, mode=plan.mode,
+                              max_t=plan.max_epochs, grace_period=plan.grace_period,
+                              reduction_factor=plan.reduction_factor)
+    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+                           max_concurrent_trials=plan.max_concurrent, time_budget_s=plan.time_limit_s,
+                           reuse_actors=True)  # a reused process keeps torch imported and the data loaded
+
+
+def _run_config(plan: SearchPlan, callbacks: list[tune.Callback]) -> tune.RunConfig:
+    return tune.RunConfig(
+        name=plan.name, storage_path=plan.storage, callbacks=callbacks,
+        verbose=2 if plan.verbose else 0,
+        failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+    )
+
+
+class ProgressCallback(tune.Callback):
+    """Forwards trial events to a plain listener (tuner.progress) with Ray's objects unwrapped."""
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.listener.started(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.listener.result(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.listener.finished(trial.trial_id, trial.last_result or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.listener.errored(trial.trial_id)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.listener.tick()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading results back
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrialRecord:
+    trial_id: str
+    params: dict[str, Any]
+    history: list[dict[str, Any]]   # one dict per reported epoch
+    error: str | None
+    path: str
+    checkpoint_path: str | None     # the latest kept checkpoint
+
+
+def records(grid: tune.ResultGrid) -> list[TrialRecord]:
+    out = []
+    for result in grid:
+        history = _read_history(result)
+        trial_id = result.metrics.get("trial_id") if result.metrics else None
+        trial_id = trial_id or Path(result.path).name
+        checkpoint = result.checkpoint.path if result.checkpoint else None
+        error = str(result.error).strip().splitlines()[-1] if result.error else None
+        out.append(TrialRecord(trial_id, dict(result.config or {}), history, error, result.path, checkpoint))
+    return out
+
+
+def _read_history(result: tune.Result) -> list[dict[str, Any]]:
+    import json
+
+    path = f"{result.path}/result.json"
+    try:
+        with result.filesystem.open_input_stream(path) as stream:
+            lines = stream.read().decode().splitlines()
+    except (FileNotFoundError, OSError):
+        return []
+    by_epoch = {}  # a retried trial may report an epoch twice: the later report wins
+    for line in filter(str.strip, lines):
+        row = json.loads(line)
+        by_epoch[row.get("training_iteration", 0)] = row
+    return [by_epoch[k] for k in sorted(by_epoch)]
+

@@ -1,0 +1,195 @@
+"""tune-resnet: search, train, refit and prepare data for ResNet image classifiers."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from search_spaces import SpaceError
+from trainables.config import TrainConfig, check_config
+from trainables.data import DataError, load_data, make_splits
+from trainables.finetune import PretrainedError
+
+from .search import SearchError, SearchOptions
+
+
+def user_errors(command):
+    """Our users' mistakes end in one line and exit code 2, never a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (SpaceError, DataError, PretrainedError) as error:
+            raise SearchError(str(error)) from None
+        except Exception as error:
+            from ._ray import ClusterError  # imports Ray: only on this path
+            if isinstance(error, ClusterError):
+                raise SearchError(str(error)) from None
+            raise
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def main() -> None:
+    """Find, train and ship ResNet image classifiers: Ray Tune trials, Optuna samplers, ASHA."""
+
+
+# ---------------------------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--space", required=True, type=click.Path(dir_okay=False), help="Search-space YAML file.")
+@click.option("--gpus", type=click.IntRange(min=0), help="Total GPUs to use [default: all that Ray sees].")
+@click.option("--gpus-per-trial", type=click.FloatRange(min=0), help="GPUs per trial; a fraction shares one.")
+@click.option("--cpus", type=click.IntRange(min=1), help="CPUs for an embedded Ray [default: all].")
+@click.option("--cpus-per-trial", type=click.FloatRange(min=0, min_open=True), help="CPUs per trial.")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Number of trials.")
+@click.option("--max-epochs", type=click.IntRange(min=1), help="Epochs a trial may run at most.")
+@click.option("--max-concurrent", type=click.IntRange(min=1), help="Trials at once [default: as resources allow].")
+@click.option("--data", type=click.Path(), help="Image folder, archive or CIFAR batches folder.")
+@click.option("--train-subset", type=click.IntRange(min=1), help="Train on a stratified subset of N images.")
+@click.option("--seed", type=int, help="Sampler and data-split seed.")
+@click.option("--name", help="Run name [default: the space's name].")
+@click.option("--storage", default="runs", help="Folder or URI (s3://, gs://) the run lands in.")
+@click.option("--address", help="Join a running Ray cluster ('auto'); by default Ray starts embedded.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted search (same --name and --storage).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved space, trials and resources, then exit.")
+@click.option("--refit/--no-refit", default=True, help="Refit the best configuration on train+val and test it.")
+@click.option("-v", "--verbose", is_flag=True, help="Ray's full output.")
+@user_errors
+def search(**kwargs) -> None:
+    """Search hyperparameters over a YAML space; refit and test the best configuration."""
+    from .search import run
+
+    start = time.monotonic()
+    run(SearchOptions(**kwargs))
+    click.echo(f"done in {time.monotonic() - start:.0f} s")
+
+
+@main.command("refit")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--epochs", type=click.IntRange(min=1), help="Refit epochs [default: the space's].")
+@user_errors
+def refit_command(run_dir: str, epochs: int | None) -> None:
+    """Refit the best configuration of a finished search on train+val; test it once."""
+    from .refit import refit
+
+    record_path, summary_path = Path(run_dir, "search.json"), Path(run_dir, "summary.json")
+    if not record_path.exists() or not summary_path.exists():
+        raise SearchError(f"{run_dir}: no search.json/summary.json; expected the folder of a finished search")
+    record, summary = json.loads(record_path.read_text()), json.loads(summary_path.read_text())
+    space = record["space"]
+    refit(run_dir, base=record["base_config"], best_config=summary["best_config"],
+          epochs=epochs or space["refit"]["epochs"] or space["budget"]["max_epochs"],
+          val_acc=summary["best_val_acc"])
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_FLAGS = ("dataset", "data_path", "arch", "depth", "width", "epochs", "batch_size", "lr",
+               "optimizer", "schedule", "weight_decay", "label_smoothing", "train_subset", "input_size",
+               "pretrained", "freeze", "frozen_stages", "seed", "compile")
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML of training-config values.")
+@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "imagefolder"]))
+@click.option("--data", "data_path", type=click.Path(), help="Image folder, archive or CIFAR batches folder.")
+@click.option("--arch", help="Model name (resnet20, cifar_resnet, resnet18, ...).")
+@click.option("--depth", type=int, help="cifar_resnet depth, 6n+2.")
+@click.option("--width", type=int, help="Base width.")
+@click.option("--epochs", type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1))
+@click.option("--lr", type=float, help="Peak learning rate.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]))
+@click.option("--schedule", type=click.Choice(["cosine", "onecycle", "step", "constant"]))
+@click.option("--weight-decay", type=float)
+@click.option("--label-smoothing", type=float)
+@click.option("--train-subset", type=click.IntRange(min=1))
+@click.option("--input-size", type=click.IntRange(min=8))
+@click.option("--pretrained", help="'torchvision' or a run folder of this project.")
+@click.option("--freeze", type=click.Choice(["none", "linear", "stages", "bn"]))
+@click.option("--frozen-stages", type=click.IntRange(min=0))
+@click.option("--seed", type=int)
+@click.option("--compile/--no-compile", default=None, help="torch.compile the model.")
+@click.option("--refit", is_flag=True, help="Train on train+val and evaluate the test split once.")
+@click.option("--out", "out_dir", default="runs/train", type=click.Path(file_okay=False), help="Output folder.")
+@user_errors
+def train(config_file: str | None, refit: bool, out_dir: str, **flags) -> None:
+    """Train one configuration; write checkpoint, weights and metrics.json to --out."""
+    from tqdm import tqdm
+
+    from trainables.run import run_training
+
+    config = _train_config(config_file, flags)
+    with tqdm(total=config.epochs, desc=config.arch, unit="epoch") as bar:
+        def on_epoch(m):
+            bar.set_postfix(loss=f"{m.train_loss:.3f}", val_acc=f"{m.val_acc:.4f}", img_s=f"{m.train_images_per_sec:.0f}")
+            bar.update()
+        metrics = run_training(config, out_dir=out_dir, refit=refit, on_epoch=on_epoch)
+    shown = {k: metrics.get(k) for k in ("epochs", "val_acc", "val_loss", "test_acc", "train_images_per_sec")}
+    click.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items() if v is not None))
+    click.echo(f"saved to {Path(out_dir).resolve()}")
+
+
+def _train_config(config_file: str | None, flags: dict) -> TrainConfig:
+    values = {}
+    if config_file:
+        try:
+            values = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise SearchError(f"--config: cannot read {config_file}: {str(error).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise SearchError(f"--config: {config_file}: expected a mapping of training-config keys")
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if values.get("data_path"):
+        values["data_path"] = str(Path(values["data_path"]).expanduser().resolve())
+    try:
+        config = TrainConfig.from_dict(values)
+        check_config(config)
+    except (TypeError, ValueError) as error:
+        raise SearchError(f"{config_file or 'train'}: {error}") from None
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+@main.group()
+def data() -> None:
+    """Data cache commands."""
+
+
+@data.command("prepare")
+@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "imagefolder"]), default="cifar10")
+@click.option("--data", "data_path", type=click.Path(), help="Image folder, archive or CIFAR batches folder.")
+@click.option("--input-size", type=click.IntRange(min=8), default=32)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1)
+@click.option("--seed", type=int, default=0)
+@user_errors
+def prepare(dataset: str, data_path: str | None, input_size: int, val_fraction: float, seed: int) -> None:
+    """Decode the images once into the tensor cache (run it on every node of a cluster)."""
+    start = time.monotonic()
+    found = load_data(dataset, data_path, input_size=input_size)
+    elapsed = time.monotonic() - start
+    splits = make_splits(found, val_fraction=val_fraction, seed=seed)
+    counts = found.train_labels.bincount(minlength=len(found.classes)).tolist()
+    click.echo(f"cache: {found.cache_path} ({elapsed:.1f} s)")
+    click.echo(f"images: {found.image_size}x{found.image_size}, {len(found.classes)} classes, "
+               f"{found.skipped} unreadable files skipped")
+    click.echo(f"splits: train {len(splits.train_labels)}, val {len(splits.val_labels)} "
+               f"(seed {seed}), test {len(found.test_labels)}")
+    click.echo("train images per class: " + ", ".join(f"{c} {n}" for c, n in zip(found.classes, counts)))
+
+
+if __name__ == "__main__":
+    main()
