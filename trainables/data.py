@@ -231,19 +231,28 @@ def _decode_all(items: list[tuple[object, int]], size: int) -> tuple[torch.Tenso
     return images, labels, len(items) - len(keep)
 
 
+def decode_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 RGB: shorter side resized to size (bilinear), then centre-cropped.
+
+    The one decoder of training data and of `tune-resnet predict`, so both see the same pixels.
+    Raises what PIL raises for a file it cannot read.
+    """
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
+        image.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            scale = size / min(image.size)
+            width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((width, height), Image.BILINEAR)
+            left, top = (width - size) // 2, (height - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        return np.asarray(image, dtype=np.uint8)
+
+
 def _decode_one(reader: object, size: int) -> np.ndarray | None:
-    """(size, size, 3) uint8: shorter side resized to size, then centre-cropped; None if unreadable."""
+    """decode_image, or None if unreadable."""
     try:
-        with Image.open(reader if isinstance(reader, Path) else io.BytesIO(reader)) as image:
-            image.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                scale = size / min(image.size)
-                width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-                image = image.resize((width, height), Image.BILINEAR)
-                left, top = (width - size) // 2, (height - size) // 2
-                image = image.crop((left, top, left + size, top + size))
-            return np.asarray(image, dtype=np.uint8)
+        return decode_image(reader, size)
     except Exception:  # truncated, corrupt or not an image at all: counted, not fatal
         return None
 

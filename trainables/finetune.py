@@ -156,14 +156,13 @@ def param_groups(model: ResNet, config: TrainConfig) -> list[dict]:
     depth_of = {id(p): 0 for m in model.stem_modules() for p in m.parameters()}
     for k, stage in enumerate(model.stages, start=1):
         depth_of.update({id(p): k for p in stage.parameters()})
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[float, bool], dict] = {}  # as few groups as the scales allow: fewer optimizer kernels
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        depth = depth_of.get(id(param), top)
+        scale = config.layer_decay ** (top - depth_of.get(id(param), top))
         decay = param.ndim > 1  # conv and linear weights; BN weights and all biases are 1-d
-        group = groups.setdefault((depth, decay), {
-            "params": [], "weight_decay": config.weight_decay if decay else 0.0,
-            "lr_scale": config.layer_decay ** (top - depth)})
+        group = groups.setdefault((scale, decay), {
+            "params": [], "weight_decay": config.weight_decay if decay else 0.0, "lr_scale": scale})
         group["params"].append(param)
     return list(groups.values())

@@ -23,7 +23,8 @@ from .config import TrainConfig, check_config
 from .data import Splits, augment, normalize
 from .finetune import apply_freeze, build_model, keep_frozen_statistics, model_config_of, param_groups
 
-NAN_CHECK_EVERY = 32  # steps; checking every step would sync the GPU every step
+NAN_CHECK_EVERY = 64  # steps; checking every step would sync the GPU every step
+CHUNK_IMAGES = 16_384  # 32x32-pixel equivalents augmented together (200 MB of float32)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,6 +95,9 @@ class Trainer:
         self.forward = torch.compile(self.model) if config.compile else self.model
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = max(1, len(splits.train_labels) // config.batch_size)  # drop_last
+        # Batches are augmented CHUNK_IMAGES at a time: per-batch kernels would bound small models
+        # by launch overhead on a GPU; the chunk bounds memory for large images.
+        self.chunk_steps = max(1, CHUNK_IMAGES * 32 * 32 // (config.batch_size * config.input_size ** 2))
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         # Data lives on the device as uint8 (4x smaller than float); batches are made from it.
@@ -135,8 +139,12 @@ class Trainer:
         self._sync()
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            images, labels = self._train_batch(index, generator), self.train_y[index]
+            if step % self.chunk_steps == 0:  # augment many batches at once: fewer, larger kernels
+                chunk = order[step * config.batch_size:(step + self.chunk_steps) * config.batch_size]
+                chunk_images, chunk_labels = self._train_batch(chunk, generator), self.train_y[chunk]
+            offset = (step % self.chunk_steps) * config.batch_size
+            images = chunk_images[offset:offset + config.batch_size]
+            labels = chunk_labels[offset:offset + config.batch_size]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
                 logits = self.forward(images)
                 loss = F.cross_entropy(logits, labels, label_smoothing=config.label_smoothing)

@@ -191,5 +191,56 @@ def prepare(dataset: str, data_path: str | None, input_size: int, val_fraction: 
     click.echo("train images per class: " + ", ".join(f"{c} {n}" for c, n in zip(found.classes, counts)))
 
 
+# ---------------------------------------------------------------------------------------------
+# export, predict
+# ---------------------------------------------------------------------------------------------
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path())
+@click.option("--formats", default="torchscript,onnx,safetensors",
+              help="Comma-separated: torchscript, onnx, safetensors, pt2 (torch.export).")
+@user_errors
+def export_command(run_dir: str, formats: str) -> None:
+    """Export a model folder (or RUN_DIR/best) for use without tune-resnet; write a model card."""
+    from .export import ExportError, export_model
+
+    try:
+        written = export_model(run_dir, formats=formats)
+    except ExportError as error:
+        raise SearchError(str(error)) from None
+    folder = next(iter(written.values())).parent
+    click.echo(f"exported {', '.join(f'{name} ({path.name})' for name, path in written.items())} "
+               f"+ labels.txt, README.md to {folder}")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(),
+              help="Model folder (RUN_DIR/best, train --out) or a search's RUN_DIR.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=click.IntRange(min=1), default=1, help="Classes shown per image.")
+@click.option("--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option("--runtime", type=click.Choice(["torch", "onnx", "torchscript", "pt2"]), default="torch",
+              help="torch: weights.safetensors; the others: the export of that name.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
+@user_errors
+def predict(model_dir: str, images: tuple[str, ...], top_k: int, output_format: str, runtime: str,
+            batch_size: int) -> None:
+    """Classify image files and folders (walked recursively), preprocessed as in training."""
+    from .export import ExportError
+    from .predict import format_predictions, predict as predict_images
+
+    def skipped(path: Path, why: str) -> None:
+        click.echo(f"skipped {path}: {why}", err=True)
+
+    try:
+        found = predict_images(model_dir, images, top_k=top_k, runtime=runtime, batch_size=batch_size,
+                               on_skip=skipped)
+    except ExportError as error:
+        raise SearchError(str(error)) from None
+    if not found:
+        raise SearchError(f"no image could be read among {', '.join(images)}")
+    click.echo(format_predictions(found, output_format))
+
+
 if __name__ == "__main__":
     main()

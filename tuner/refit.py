@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 from tqdm import tqdm
@@ -12,6 +12,8 @@ from tqdm import tqdm
 from trainables.checkpoint import load_checkpoint
 from trainables.config import TrainConfig
 from trainables.run import run_training
+
+from .export import DEFAULT_FORMATS, ExportError, export_model
 
 BEST_DIR = "best"
 
@@ -26,11 +28,12 @@ def refit_best(run_dir: str, found: Any, spec: Any, base: dict[str, Any]) -> dic
     warm = best["checkpoint"] if spec.refit.warm_start else None
     return refit(run_dir, base=base, best_config=summary["best_config"],
                  epochs=spec.refit.epochs or spec.budget.max_epochs, val_acc=summary["best_val_acc"],
-                 warm_start_from=warm)
+                 warm_start_from=warm, formats=spec.export.formats)
 
 
 def refit(run_dir: str, *, base: dict[str, Any], best_config: dict[str, Any], epochs: int,
-          val_acc: float | None, warm_start_from: str | None = None) -> dict[str, Any]:
+          val_acc: float | None, warm_start_from: str | None = None,
+          formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Any]:
     config = refit_config(base, best_config, epochs)
     out = Path(run_dir) / BEST_DIR
     initial = load_checkpoint(warm_start_from)["model"] if warm_start_from else None
@@ -44,4 +47,10 @@ def refit(run_dir: str, *, base: dict[str, Any], best_config: dict[str, Any], ep
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     click.echo(f"test accuracy {metrics['test_acc']:.4f} on {metrics['test']['images']} images "
                f"(search val_acc {val_acc:.4f}); model in {out}")
+    try:
+        written = export_model(out, formats=formats)
+    except ExportError as error:  # the refit model is saved: a failed export must not lose it
+        click.echo(f"export failed: {error}; fix it, then run: tune-resnet export {run_dir}", err=True)
+        return metrics
+    click.echo(f"exported {', '.join(path.name for path in written.values())}, labels.txt, README.md to {out}")
     return metrics

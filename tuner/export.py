@@ -1,0 +1,322 @@
+"""Export a trained model folder for use without this project, and load it back without pickle.
+
+    export_model("runs/cifar/best")   # -> model.ts, model.onnx, labels.txt, README.md, config.json
+
+Every export keeps one contract, written to config.json ("input") and the model card:
+float32 (N, 3, H, W) RGB pixel values in [0, 255] in, logits (N, classes) out. The training
+normalisation is inside the graph, so any runtime feeds decoded pixels and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from trainables.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+from trainables.config import TrainConfig
+from trainables.models import ResNet, count_parameters, create_model
+from trainables.run import METRICS_FILE
+
+FORMATS = ("torchscript", "onnx", "safetensors", "pt2")  # pt2: torch.export, TorchScript's successor
+DEFAULT_FORMATS = ("torchscript", "onnx", "safetensors")
+FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "safetensors": WEIGHTS_FILE, "pt2": "model.pt2"}
+LABELS_FILE = "labels.txt"
+CARD_FILE = "README.md"
+RUN_BEST_DIR = "best"         # a search's run folder keeps its refit model here
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+ONNX_OPSET = 17               # onnxruntime >= 1.14 and most other runtimes run it
+
+
+class ExportError(ValueError):
+    """The model folder cannot be exported or loaded; the message says what was expected."""
+
+
+class RawPixelModel(nn.Module):
+    """RGB pixel values in [0, 255] in, logits out: the training normalisation travels with the model."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (N, 3, H, W) float32 in [0, 255]
+        # the same operations as trainables.data.normalize, out of place: an input is never modified
+        return self.model((x / 255 - self.mean) / self.std)  # (N, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: safetensors + JSON only, never checkpoint.pt
+# ---------------------------------------------------------------------------------------------
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model folder (config.json + weights.safetensors), or a search's run folder holding best/."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
+        raise ExportError(f"{path} {problem}; expected a model folder written by tune-resnet "
+                          "(RUN_DIR/best or the --out of tune-resnet train)")
+    for folder in (path, path / RUN_BEST_DIR):
+        if (folder / CONFIG_FILE).is_file():
+            if not (folder / WEIGHTS_FILE).is_file():
+                raise ExportError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}; expected both")
+            return folder
+    raise ExportError(f"{path} has no {CONFIG_FILE}; expected a model folder written by tune-resnet "
+                      "(RUN_DIR/best or the --out of tune-resnet train)")
+
+
+def read_meta(model_dir: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((model_dir / CONFIG_FILE).read_text())
+        TrainConfig.from_dict(meta["config"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ExportError(f"{model_dir / CONFIG_FILE}: not a tune-resnet model config ({error!r})") from None
+    missing = [key for key in ("classes", "num_classes", "mean", "std") if key not in meta]
+    if missing:
+        raise ExportError(f"{model_dir / CONFIG_FILE}: missing {', '.join(missing)}; "
+                          "expected a tune-resnet model config")
+    return meta
+
+
+def load_model(model_dir: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
+    """(the model in eval mode on CPU, config.json's contents), from weights.safetensors + config.json."""
+    model_dir = resolve_model_dir(model_dir)
+    meta = read_meta(model_dir)
+    config = TrainConfig.from_dict(meta["config"])
+    try:
+        # the .safetensors path, not the folder: load_checkpoint(folder) would prefer checkpoint.pt
+        weights = load_checkpoint(model_dir / WEIGHTS_FILE)["model"]
+        model = create_model(config.arch, num_classes=meta["num_classes"], depth=config.depth,
+                             width=config.width, stem=config.stem, input_size=config.input_size,
+                             dropout=config.dropout)
+        model.load_state_dict(weights)
+    except Exception as error:  # SafetensorError, a config that does not match the weights, ...
+        raise ExportError(f"{model_dir}: cannot rebuild the model from {WEIGHTS_FILE} + {CONFIG_FILE}: "
+                          f"{first_line(error)}") from None
+    return model.eval(), meta
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def load_raw_pixel_model(model_dir: str | os.PathLike) -> tuple[RawPixelModel, dict[str, Any]]:
+    model, meta = load_model(model_dir)
+    return RawPixelModel(model, meta["mean"], meta["std"]).eval(), meta
+
+
+def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
+    names = [n.strip() for n in text.split(",")] if isinstance(text, str) else list(text)
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        raise ExportError(f"formats: expected a comma-separated list of {', '.join(FORMATS)}, got {text!r}")
+    return tuple(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers: one per format, each atomic (a crash mid-write leaves the old file)
+# ---------------------------------------------------------------------------------------------
+
+def _write_torchscript(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
+    with warnings.catch_warnings():  # torch >= 2.10 marks torch.jit deprecated; it still saves and loads
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example)
+        torch.jit.save(traced, _tmp(path))
+    os.replace(_tmp(path), path)
+
+
+def _write_onnx(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
+    # dynamo=False: the TorchScript-based exporter needs neither onnxscript nor a network
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example,), str(_tmp(path)), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+    os.replace(_tmp(path), path)
+
+
+def _write_pt2(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, _tmp(path))
+    os.replace(_tmp(path), path)
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export.save wants a .pt2 ending
+
+
+WRITERS = {"torchscript": _write_torchscript, "onnx": _write_onnx, "pt2": _write_pt2}
+# safetensors needs no writer: weights.safetensors is the source every other export is made from
+
+
+# ---------------------------------------------------------------------------------------------
+# export_model
+# ---------------------------------------------------------------------------------------------
+
+def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_FORMATS) -> dict[str, Path]:
+    """Write the exports, labels.txt, README.md; update config.json and metrics.json. Returns {format: file}."""
+    formats = parse_formats(formats)
+    model_dir = resolve_model_dir(model_dir)
+    model, meta = load_model(model_dir)
+    wrapped = RawPixelModel(model, meta["mean"], meta["std"]).eval()
+    size = meta["config"]["input_size"]
+    # two images: nothing in the graph may specialise to a batch of one
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
+    written = {}
+    for name in formats:
+        if name in WRITERS:
+            try:
+                WRITERS[name](wrapped, example, model_dir / FILES[name])
+            except Exception as error:  # a missing exporter dependency, an unsupported operator, ...
+                _tmp(model_dir / FILES[name]).unlink(missing_ok=True)
+                raise ExportError(f"{name} export of {model_dir} failed: {first_line(error)}") from None
+        written[name] = model_dir / FILES[name]
+    stats = {"parameters": count_parameters(model), "macs_per_image": count_macs(model, size)}
+    meta = _update_config(model_dir, meta, model, formats, stats)
+    metrics = _update_metrics(model_dir, stats)
+    (model_dir / LABELS_FILE).write_text("".join(f"{name}\n" for name in meta["classes"]))
+    (model_dir / CARD_FILE).write_text(model_card(meta, metrics))
+    return written
+
+
+def count_macs(model: nn.Module, size: int) -> int:
+    """Multiply-accumulates of one (3, size, size) image: convolutions and the classifier."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
+
+
+def layer_depth(model: ResNet) -> int:
+    """Weighted layers on the main path: the stem conv, 2 or 3 convs per block, the classifier."""
+    convs_per_block = sum(1 for name, _ in model.layer1[0].named_children() if name.startswith("conv"))
+    return 2 + convs_per_block * sum(len(stage) for stage in model.stages)
+
+
+def input_contract(meta: dict[str, Any]) -> dict[str, Any]:
+    size = meta["config"]["input_size"]
+    return {"name": INPUT_NAME, "size": size, "shape": ["batch", 3, size, size], "layout": "NCHW",
+            "dtype": "float32", "channels": "RGB", "range": [0, 255], "normalised_inside": True,
+            "mean": list(meta["mean"]), "std": list(meta["std"]),  # of pixels in [0, 1]: (x/255 - mean)/std
+            "resize": f"shorter side to {size} px (bilinear), then centre crop {size}x{size}"}
+
+
+def _update_config(model_dir: Path, meta: dict[str, Any], model: ResNet, formats: Sequence[str],
+                   stats: dict[str, int]) -> dict[str, Any]:
+    """config.json gains the resolved model, the input/output contract and the export files."""
+    config = meta["config"]
+    previous = {k: v for k, v in meta.get("exports", {}).items() if (model_dir / v).is_file()}
+    meta = {**meta,
+            "model": {"arch": config["arch"], "depth": layer_depth(model), "width": model.conv1.out_channels,
+                      "stem": config["stem"], "stages": model.num_stages, "num_classes": meta["num_classes"],
+                      **stats},
+            "input": input_contract(meta),
+            "output": {"name": OUTPUT_NAME, "shape": ["batch", meta["num_classes"]], "dtype": "float32",
+                       "kind": "logits", "softmax_inside": False},
+            "exports": {**previous, **{name: FILES[name] for name in formats}},
+            "labels": LABELS_FILE}
+    _write_json(model_dir / CONFIG_FILE, meta)
+    return meta
+
+
+def _update_metrics(model_dir: Path, stats: dict[str, int]) -> dict[str, Any]:
+    """Adds parameters and MACs; everything there already (search val_acc, test figures) stays."""
+    path = model_dir / METRICS_FILE
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics.update(stats)
+    _write_json(path, metrics)
+    return metrics
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _tmp(path).write_text(json.dumps(value, indent=2))
+    os.replace(_tmp(path), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model card
+# ---------------------------------------------------------------------------------------------
+
+def model_card(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    sections = [_card_model(meta, metrics), _card_accuracy(meta, metrics), _card_contract(meta), _card_usage(meta)]
+    return "\n\n".join(sections) + "\n"
+
+
+def _card_model(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    config, model = meta["config"], meta["model"]
+    files = ", ".join(f"`{f}` ({name})" for name, f in meta["exports"].items())
+    source = config["data_path"] or "torchvision download"
+    trained = f"{metrics['train_images']} training images" if metrics.get("train_images") else "training images"
+    return "\n".join([
+        f"# {config['arch']} image classifier ({meta['num_classes']} classes)", "",
+        f"- Architecture: {config['arch']}, depth {model['depth']}, base width {model['width']}, "
+        f"{config['stem']} stem, "
+        f"{model['stages']} stages",
+        f"- Parameters: {model['parameters']:,}",
+        f"- MACs per image: {model['macs_per_image']:,} ({config['input_size']}x{config['input_size']} input)",
+        f"- Data: {config['dataset']} ({source}), {trained}, {meta.get('epoch', config['epochs'])} epochs",
+        f"- Classes ({meta['num_classes']}, in output order): {', '.join(meta['classes'])}",
+        f"- Files: {files}, `{LABELS_FILE}`, `{CONFIG_FILE}` (config, classes, contract), `{METRICS_FILE}`",
+    ])
+
+
+def _card_accuracy(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
+    lines = ["## Accuracy", ""]
+    if metrics.get("search_val_acc") is not None:
+        lines.append(f"- Search validation accuracy (best trial): {metrics['search_val_acc']:.4f}")
+    if metrics.get("val_acc") is not None:
+        lines.append(f"- Validation accuracy: {metrics['val_acc']:.4f}")
+    test = metrics.get("test")
+    if not test:
+        lines.append("- Test accuracy: not measured (trained without a refit, which tests once)")
+        return "\n".join(lines)
+    lines += [f"- Test accuracy: {test['accuracy']:.4f} on {test['images']} images (evaluated once, after the refit)",
+              "", "| class | precision | recall |", "|---|---:|---:|"]
+    lines += [f"| {name} | {v['precision']:.4f} | {v['recall']:.4f} |" for name, v in test["per_class"].items()]
+    return "\n".join(lines)
+
+
+def _card_contract(meta: dict[str, Any]) -> str:
+    contract = meta["input"]
+    mean = ", ".join(f"{v:.4f}" for v in contract["mean"])
+    std = ", ".join(f"{v:.4f}" for v in contract["std"])
+    return "\n".join([
+        "## Input and output", "",
+        f"- Input `{INPUT_NAME}`: float32 `(N, 3, {contract['size']}, {contract['size']})`, NCHW, RGB, "
+        "pixel values in [0, 255]; any batch size N.",
+        f"- Preprocessing before the model: decode to RGB, resize the shorter side to {contract['size']} px "
+        "(bilinear), centre-crop to a square. Nothing else.",
+        f"- Normalisation is inside the model: `(x / 255 - mean) / std` with mean ({mean}) and std ({std}).",
+        f"- Output `{OUTPUT_NAME}`: float32 `(N, {meta['num_classes']})` logits in the order of `{LABELS_FILE}`; "
+        "apply softmax for probabilities.",
+    ])
+
+
+def _card_usage(meta: dict[str, Any]) -> str:
+    size = meta["input"]["size"]
+    prepare = (f'image = ImageOps.fit(Image.open("image.jpg").convert("RGB"), ({size}, {size}), Image.BILINEAR)'
+               "  # ~ training's resize + centre crop")
+    torch_snippet = ["import numpy as np, torch", "from PIL import Image, ImageOps",
+                     f'model = torch.jit.load("{FILES["torchscript"]}")',
+                     f'classes = open("{LABELS_FILE}").read().splitlines()',
+                     prepare,
+                     "x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float()  # RGB 0-255",
+                     "print(classes[model(x).argmax(1).item()])"]
+    onnx_snippet = ["import numpy as np, onnxruntime as ort", "from PIL import Image, ImageOps",
+                    f'session = ort.InferenceSession("{FILES["onnx"]}")',
+                    f'classes = open("{LABELS_FILE}").read().splitlines()',
+                    prepare,
+                    "x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None]  # RGB 0-255",
+                    f'print(classes[session.run(None, {{"{INPUT_NAME}": x}})[0].argmax()])']
+    return "\n".join(["## Use", "", "With plain PyTorch (TorchScript; no tune-resnet needed):", "", "```python",
+                      *torch_snippet, "```", "", "With onnxruntime:", "", "```python", *onnx_snippet, "```", "",
+                      "Or with tune-resnet, preprocessing exactly as in training:", "", "```sh",
+                      "tune-resnet predict --model . IMAGE_OR_FOLDER... --top-k 3", "```"])
