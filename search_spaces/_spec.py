@@ -106,7 +106,7 @@ class RefitSpec(_Section):
 
 
 class ExportSpec(_Section):
-    formats: tuple[Literal["torchscript", "onnx", "safetensors"], ...] = ("torchscript", "onnx", "safetensors")
+    formats: tuple[Literal["torchscript", "onnx", "safetensors", "pt2"], ...] = ("torchscript", "onnx", "safetensors")
 
 
 # ---------------------------------------------------------------- the spec

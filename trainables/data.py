@@ -293,8 +293,8 @@ def make_splits(data: ImageData, *, val_fraction: float = 0.1, seed: int = 0,
     val_index, train_index = torch.cat(val_index), torch.cat(train_index)
     if train_subset is not None and train_subset < len(train_index):
         train_index = _stratified_subset(train_index, labels, train_subset, generator)
-    if merge_val:
-        train_index = torch.cat([train_index, val_index])
+    if merge_val:  # nothing is left to validate on: the refit is judged by the test split alone
+        train_index, val_index = torch.cat([train_index, val_index]), val_index[:0]
     train_images = data.train_images[train_index]
     mean, std = channel_stats(train_images)
     return Splits(train_images, labels[train_index], data.train_images[val_index], labels[val_index],

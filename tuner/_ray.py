@@ -22,7 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
 from trainables.data import Splits, load_data, make_splits
-from trainables.train import NonFiniteLossError, Trainer
+from trainables.train import NonFiniteLossError, Trainer, flush_denormals
 
 METRIC_DIVERGED = "diverged"
 KEEP_CHECKPOINTS = 2  # per trial: the latest (to resume) and one before it
@@ -43,9 +43,10 @@ class Cluster:
     nodes: int
     max_gpus_per_node: float
     embedded: bool
+    node_resources: tuple[tuple[float, float], ...] = ()  # (CPUs, GPUs) of each alive node
 
 
-def start(*, address: str | None, num_cpus: int | None, num_gpus: int | None, verbose: bool) -> Cluster:
+def start(*, address: str | None, num_cpus: int | None, verbose: bool) -> Cluster:
     """Start Ray embedded (default) or join a running cluster (address, e.g. 'auto')."""
     if ray.is_initialized():  # tests share one Ray per session
         return _describe(embedded=address is None)
@@ -55,7 +56,7 @@ def start(*, address: str | None, num_cpus: int | None, num_gpus: int | None, ve
         if address:
             ray.init(address=address, **options)
         else:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, **options)
+            ray.init(num_cpus=num_cpus, **options)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"at {address!r}" if address else "locally"
         hint = "start one with `ray start --head` or `ray up cluster.yaml`" if address else "check --cpus/--gpus"
@@ -66,9 +67,32 @@ def start(*, address: str | None, num_cpus: int | None, num_gpus: int | None, ve
 def _describe(*, embedded: bool) -> Cluster:
     total = ray.cluster_resources()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    per_node_gpus = [n.get("Resources", {}).get("GPU", 0.0) for n in nodes] or [0.0]
+    per_node = tuple((n.get("Resources", {}).get("CPU", 0.0), n.get("Resources", {}).get("GPU", 0.0))
+                     for n in nodes)
     return Cluster(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0), nodes=len(nodes),
-                   max_gpus_per_node=max(per_node_gpus), embedded=embedded)
+                   max_gpus_per_node=max([gpus for _, gpus in per_node] or [0.0]), embedded=embedded,
+                   node_resources=per_node)
+
+
+def nodes_missing(path: str, *, timeout_s: float = 120.0) -> list[str]:
+    """The alive nodes that do not see the file at path: one tiny task pinned to each node looks.
+
+    Returns 'ip (node id)' strings; a node whose task cannot run within timeout_s counts as missing.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    look = ray.remote(num_cpus=0)(_sees)  # num_cpus=0: runs even while trials hold every CPU
+    refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(path)
+            for n in nodes]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    seen = {node_id: found for node_id, found in ray.get(ready)}
+    return [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in nodes if not seen.get(n["NodeID"])]
+
+
+def _sees(path: str) -> tuple[str, bool]:
+    """Runs on a chosen node: (the node it really ran on, whether the file is there)."""
+    return ray.get_runtime_context().get_node_id(), os.path.exists(path)
 
 
 def shutdown() -> None:
@@ -99,6 +123,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None
     """Train one sampled configuration, reporting and checkpointing once per epoch."""
     import torch
 
+    flush_denormals()  # before the first parallel op starts the thread pool
     torch.set_num_threads(threads)
     config = TrainConfig.from_dict({**base, **params})
     trainer = Trainer(config, _splits_for(config, cache_dir))
@@ -106,19 +131,34 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None
     if checkpoint:  # a retried or resumed trial continues from its last epoch
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(load_checkpoint(folder))
-    where = {"node_ip": ray.util.get_node_ip_address(), "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+    where = {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+             "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "started_at": time.time()}
+    _barrier_hook()
     _fault_hook(trainer.epoch)
     try:
         for metrics in trainer.epochs():
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(folder, trainer.state_dict())
-                tune.report({**metrics.to_dict(), **where, METRIC_DIVERGED: 0},
+                tune.report({**metrics.to_dict(), **where, "reported_at": time.time(), METRIC_DIVERGED: 0},
                             checkpoint=tune.Checkpoint.from_directory(folder))
             _fault_hook(trainer.epoch)
     except NonFiniteLossError as error:
         # Not a crash and not worth a retry: tell the scheduler and the sampler it scored nothing.
         tune.report({"epoch": error.epoch, "val_acc": 0.0, "val_loss": float(1e9), **where, METRIC_DIVERGED: 1})
+
+
+def _barrier_hook(timeout_s: float = 30.0) -> None:
+    """Tests hold each trial until n have started, to see n run at once despite slow process starts:
+    TUNE_RESNET_BARRIER=<folder>:<n>, set on the Ray nodes. Never waits more than timeout_s."""
+    barrier = os.environ.get("TUNE_RESNET_BARRIER")
+    if not barrier:
+        return
+    folder, count = barrier.rsplit(":", 1)
+    Path(folder, f"{os.getpid()}-{time.time_ns()}").touch()
+    deadline = time.monotonic() + timeout_s
+    while len(os.listdir(folder)) < int(count) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _fault_hook(epoch: int) -> None:
@@ -171,6 +211,13 @@ def run_search(plan: SearchPlan, *, callbacks: list[tune.Callback], resume: bool
     else:
         tuner = tune.Tuner(_trainable(plan), tune_config=_tune_config(plan), run_config=_run_config(plan, callbacks))
     return tuner.fit()
+
+
+def interrupted(grid: tune.ResultGrid, plan: SearchPlan) -> bool:
+    """Ray Tune returns normally after a Ctrl-C: trials left unfinished tell it was interrupted."""
+    trials = grid._experiment_analysis.trials  # statuses are not on the public Result objects
+    unfinished = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+    return unfinished or (len(trials) < plan.num_samples and plan.time_limit_s is None)
 
 
 def can_resume(plan: SearchPlan) -> bool:
@@ -242,10 +289,20 @@ def records(grid: tune.ResultGrid) -> list[TrialRecord]:
         history = _read_history(result)
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         trial_id = trial_id or Path(result.path).name
-        checkpoint = result.checkpoint.path if result.checkpoint else None
+        checkpoint = _as_uri(result.filesystem, result.checkpoint.path) if result.checkpoint else None
         error = str(result.error).strip().splitlines()[-1] if result.error else None
-        out.append(TrialRecord(trial_id, dict(result.config or {}), history, error, result.path, checkpoint))
+        out.append(TrialRecord(trial_id, dict(result.config or {}), history, error,
+                               _as_uri(result.filesystem, result.path), checkpoint))
     return out
+
+
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}  # pyarrow type_name -> URI scheme
+
+
+def _as_uri(filesystem: Any, path: str) -> str:
+    """Ray gives remote paths without their scheme ('bucket/run/...'): put it back, so they can be opened."""
+    scheme = _SCHEMES.get(getattr(filesystem, "type_name", "local"))
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 def _read_history(result: tune.Result) -> list[dict[str, Any]]:

@@ -37,6 +37,9 @@ def user_errors(command):
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def main() -> None:
     """Find, train and ship ResNet image classifiers: Ray Tune trials, Optuna samplers, ASHA."""
+    from trainables.train import flush_denormals
+
+    flush_denormals()  # before any parallel torch op: worker threads inherit the mode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ def refit_command(run_dir: str, epochs: int | None) -> None:
     space = record["space"]
     refit(run_dir, base=record["base_config"], best_config=summary["best_config"],
           epochs=epochs or space["refit"]["epochs"] or space["budget"]["max_epochs"],
-          val_acc=summary["best_val_acc"])
+          val_acc=summary["best_val_acc"], formats=space["export"]["formats"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +243,33 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, output_format: 
     if not found:
         raise SearchError(f"no image could be read among {', '.join(images)}")
     click.echo(format_predictions(found, output_format))
+
+
+# ---------------------------------------------------------------------------------------------
+# report, status
+# ---------------------------------------------------------------------------------------------
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@user_errors
+def report_command(run_dir: str) -> None:
+    """Write RUN_DIR/report.html (plots in RUN_DIR/report/) and RUN_DIR/optuna.journal."""
+    from .report import write_report
+
+    path, notes = write_report(run_dir)
+    for note in notes:
+        click.echo(f"left out: {note}")
+    click.echo(f"report: {path} (opens offline); Optuna study: optuna-dashboard {Path(run_dir, 'optuna.journal')}")
+
+
+@main.command("status")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def status_command(run_dir: str) -> None:
+    """One screen on a search, running or finished, read from its folder (safe from another shell)."""
+    from .status import format_status, read_status
+
+    for line in format_status(read_status(run_dir)):
+        click.echo(line)
 
 
 if __name__ == "__main__":

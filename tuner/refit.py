@@ -45,8 +45,8 @@ def refit(run_dir: str, *, base: dict[str, Any], best_config: dict[str, Any], ep
         metrics = run_training(config, out_dir=out, refit=True, on_epoch=on_epoch, initial_state=initial)
     metrics["search_val_acc"] = val_acc
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    click.echo(f"test accuracy {metrics['test_acc']:.4f} on {metrics['test']['images']} images "
-               f"(search val_acc {val_acc:.4f}); model in {out}")
+    searched = f" (search val_acc {val_acc:.4f})" if val_acc is not None else ""
+    click.echo(f"test accuracy {metrics['test_acc']:.4f} on {metrics['test']['images']} images{searched}")
     try:
         written = export_model(out, formats=formats)
     except ExportError as error:  # the refit model is saved: a failed export must not lose it

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,8 @@ from trainables.models import list_models
 
 from . import _ray, results
 from .progress import Progress
-from .refit import refit_best
+from .refit import BEST_DIR, refit_best
+from .report import write_report_safely
 
 # Set by the space's sections or by the search itself, never sampled as a param.
 MANAGED = ("dataset", "data_path", "input_size", "val_fraction", "train_subset", "pretrained", "epochs", "seed")
@@ -28,6 +32,12 @@ class SearchError(click.ClickException):
     """A user mistake: one line, exit code 2."""
 
     exit_code = 2
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C: the search stopped with its state saved."""
+
+    exit_code = 130  # the shell's code for a SIGINT
 
 
 @dataclass(frozen=True)
@@ -104,24 +114,45 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
     cpus = spec.trial.cpus
     total_gpus = cluster.gpus if options.gpus is None else options.gpus
     if options.gpus is not None and cluster.gpus and options.gpus > cluster.gpus:
-        raise SearchError(f"--gpus: {options.gpus} asked, but the cluster has {cluster.gpus:g}; "
+        starting = "" if cluster.embedded else " now (workers still starting? see `ray status`)"
+        raise SearchError(f"--gpus: {options.gpus} asked, but the cluster has {cluster.gpus:g}{starting}; "
                           f"pass --gpus {cluster.gpus:g} or fewer")
     gpus = spec.trial.gpus
     gpus = (1.0 if total_gpus else 0.0) if gpus == "auto" else float(gpus)
     notice = None
     if gpus and not cluster.gpus:
         notice, gpus = "no GPU found: trials run on the CPU", 0.0
+    elif gpus and not total_gpus:  # --gpus 0 on a machine with GPUs
+        notice, gpus = "--gpus 0: trials run on the CPU", 0.0
     if gpus > cluster.max_gpus_per_node and cluster.gpus:
         raise SearchError(f"trial.gpus: {gpus:g} GPUs per trial, but no node has more than "
                           f"{cluster.max_gpus_per_node:g}; ask for {cluster.max_gpus_per_node:g} or fewer")
     if cpus > cluster.cpus:
         raise SearchError(f"trial.cpus: {cpus:g} CPUs per trial, but the cluster has {cluster.cpus:g}")
-    by_cpu = int(cluster.cpus // cpus)
-    by_gpu = int(total_gpus // gpus) if gpus else by_cpu
-    concurrent = max(1, min(by_cpu, by_gpu, spec.budget.num_samples))
+    _check_a_node_fits(cpus, gpus, cluster)
+    by_cpu = _times(cluster.cpus, cpus)
+    by_gpu = _times(total_gpus, gpus) if gpus else by_cpu
+    # A trial runs on one node: count what fits node by node (2 nodes of 1 CPU hold no 2-CPU trial).
+    by_node = sum(min(_times(c, cpus), _times(g, gpus) if gpus else _times(c, cpus))
+                  for c, g in cluster.node_resources) or by_cpu
+    concurrent = max(1, min(by_cpu, by_gpu, by_node, spec.budget.num_samples))
     if options.max_concurrent:
         concurrent = min(concurrent, options.max_concurrent)
     return Resources(cpus, gpus, concurrent, notice)
+
+
+def _times(have: float, need: float) -> int:
+    """How many `need` fit in `have`; Ray counts resources in 1e-4 units, so 1 / 0.1 is 10, not 9."""
+    return int(have / need + 1e-6)
+
+
+def _check_a_node_fits(cpus: float, gpus: float, cluster: _ray.Cluster) -> None:
+    """A trial that no single node can hold would wait forever: refuse it now."""
+    if not cluster.node_resources or any(c >= cpus and g >= gpus for c, g in cluster.node_resources):
+        return
+    nodes = ", ".join(f"{c:g} CPU + {g:g} GPU" for c, g in sorted(set(cluster.node_resources), reverse=True))
+    raise SearchError(f"trial.cpus: {cpus:g} CPU + {gpus:g} GPU per trial, but no node has that much "
+                      f"(nodes: {nodes}); lower trial.cpus or --cpus-per-trial")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,12 +182,13 @@ def run(options: SearchOptions) -> dict[str, Any]:
     data = load_data(base["dataset"], base["data_path"], input_size=base["input_size"])
     click.echo(f"data: {len(data.train_labels)} train / {len(data.test_labels)} test images, "
                f"{len(data.classes)} classes, {data.image_size}px (cache {data.cache_path})")
-    cluster = _ray.start(address=options.address, num_cpus=options.cpus,
-                         num_gpus=options.gpus if options.address is None and options.gpus else None,
-                         verbose=options.verbose)
+    # Ray detects the GPUs itself (declaring --gpus would invent GPUs a CPU machine lacks);
+    # --gpus caps how many of them the search uses.
+    cluster = _ray.start(address=options.address, num_cpus=options.cpus, verbose=options.verbose)
     resources = plan_resources(spec, options, cluster)
     if resources.notice:
         click.echo(resources.notice)
+    check_cluster_paths(storage_root(options.storage), base, cluster)
     plan = make_plan(spec, options, base, resources)
     run_dir = _ray.experiment_path(plan)
     resume = options.resume and _resume_possible(plan)
@@ -164,18 +196,19 @@ def run(options: SearchOptions) -> dict[str, Any]:
                f"{resources.max_concurrent} at a time ({resources.cpus_per_trial:g} CPU, "
                f"{resources.gpus_per_trial:g} GPU each) -> {run_dir}")
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs)
-    try:
-        grid = _ray.run_search(plan, callbacks=[_ray.ProgressCallback(progress)], resume=resume)
-    except KeyboardInterrupt:
-        raise SearchError(f"interrupted: state saved in {run_dir}; continue with the same command plus --resume")
+    grid = _ray.run_search(plan, callbacks=[_ray.ProgressCallback(progress)], resume=resume)
     found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode,
                             max_epochs=plan.max_epochs, num_samples=plan.num_samples)
     _save_space(spec, run_dir, base, plan)
     results.write(found, run_dir)
+    if _ray.interrupted(grid, plan):
+        raise Interrupted(f"interrupted with {found.summary['trials']} of {plan.num_samples} trials started; "
+                          f"state saved in {run_dir}; continue with the same command plus --resume")
     for line in results.format_summary(found.summary):
         click.echo(line)
     if options.refit and found.summary["best_trial_id"] is not None:
-        refit_best(run_dir, found, spec, base)
+        _refit_into_storage(run_dir, found, spec, base)
+    write_report_safely(run_dir)  # report.html + optuna.journal; a failure prints one line
     return found.summary
 
 
@@ -200,9 +233,70 @@ def make_plan(spec: SearchSpec, options: SearchOptions, base: dict, resources: R
 
 def _save_space(spec: SearchSpec, run_dir: str, base: dict, plan: _ray.SearchPlan) -> None:
     """search.json: what refit/export/status need later, without the original YAML at hand."""
-    if "://" in run_dir:
-        return
     record = {"space": spec.model_dump(mode="json"), "base_config": base,
               "metric": plan.metric, "mode": plan.mode, "max_epochs": plan.max_epochs}
-    Path(run_dir, "search.json").write_text(json.dumps(record, indent=2, default=str))
+    results.write_file(run_dir, "search.json", json.dumps(record, indent=2, default=str).encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# 4) on a cluster: every node must see the storage and the inputs
+# ---------------------------------------------------------------------------------------------
+
+SHARED_HINT = "on a multi-node cluster use a shared folder (NFS) or a URI such as s3://bucket/runs"
+
+
+def check_cluster_paths(storage: str, base: dict[str, Any], cluster: _ray.Cluster) -> None:
+    """Trials write to --storage and read data.path/model.pretrained on their own node: on a
+    multi-node cluster each of those must be there on every node, or trials fail one by one later."""
+    if cluster.nodes < 2:
+        return
+    folder = storage[len("file://"):] if storage.startswith("file://") else storage
+    if "://" not in folder:  # a URI other than file:// is the same place from everywhere
+        missing = _missing_from_nodes(Path(folder))
+        if missing:
+            raise SearchError(f"--storage: {storage} is not visible from node {missing[0]}; {SHARED_HINT}")
+        click.echo(f"storage: {storage} is visible from all {cluster.nodes} nodes")
+    inputs = (("data.path", base.get("data_path")), ("model.pretrained", base.get("pretrained")))
+    for key, path in inputs:
+        if path and Path(path).is_absolute():  # not 'torchvision', not a download
+            missing = _ray.nodes_missing(path)
+            if missing:
+                raise SearchError(f"{key}: {path} is not visible from node {missing[0]}; put it at the same "
+                                  f"path on every node (file_mounts in cluster.yaml) or in a shared folder")
+
+
+def _missing_from_nodes(folder: Path) -> list[str]:
+    """Nodes that do not see a marker file written here, in the storage folder, by the driver."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / f".visible-{uuid.uuid4().hex}"
+    marker.write_text("written by the tune-resnet driver to check that every node sees this folder\n")
+    try:
+        return _ray.nodes_missing(str(marker))
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5) refit: trained and exported in a local folder, then copied to a URI storage
+# ---------------------------------------------------------------------------------------------
+
+def _refit_into_storage(run_dir: str, found: results.SearchResults, spec: SearchSpec, base: dict) -> None:
+    if "://" not in run_dir:
+        refit_best(run_dir, found, spec, base)
+        return
+    with tempfile.TemporaryDirectory(prefix="tune-resnet-refit-") as local:
+        if spec.refit.warm_start:
+            found = _with_local_checkpoint(found, f"{local}/warm-start")
+        refit_best(local, found, spec, base)
+        results.upload(f"{local}/{BEST_DIR}", f"{run_dir}/{BEST_DIR}")
+    click.echo(f"uploaded {BEST_DIR}/ to {run_dir}/{BEST_DIR}")
+
+
+def _with_local_checkpoint(found: results.SearchResults, local: str) -> results.SearchResults:
+    """The best trial's checkpoint copied next to the refit, for a warm start from a URI."""
+    trials = [dict(t) for t in found.trials]
+    for trial in trials:
+        if trial["trial_id"] == found.summary["best_trial_id"] and "://" in (trial["checkpoint"] or ""):
+            trial["checkpoint"] = results.download(trial["checkpoint"], local)
+    return dataclasses.replace(found, trials=trials)
 

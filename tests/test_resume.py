@@ -1,0 +1,105 @@
+"""Faults, for real: a driver killed with SIGKILL and resumed, a trial process killed mid-run and
+retried from its checkpoint, a learning rate that makes the loss explode."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from test_search import run_tables, search, write_space
+
+
+def finished_trials(experiment: Path) -> int:
+    """Trials whose result.json holds max_epochs reports or which ASHA ended (state file says)."""
+    return sum(1 for _ in experiment.glob("trial_*/result.json"))
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3})
+    storage = tmp_path / "runs"
+    command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
+               "--name", "killed", "--max-concurrent", "1", "--no-refit", "--cpus", "1"]
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    experiment = storage / "killed"
+    deadline = time.monotonic() + 240
+    while finished_trials(experiment) < 3 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    assert driver.poll() is None, driver.stdout.read().decode()
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
+    driver.wait()
+    before = {p.parent.name: p.read_text().count("\n") for p in experiment.glob("trial_*/result.json")}
+    assert 3 <= len(before) < 6
+
+    code, output = search("--space", str(space), "--storage", str(storage), "--name", "killed",
+                          "--max-concurrent", "1", "--no-refit", "--resume")
+    assert code == 0, output
+    assert "resuming" in output
+    trials, history, summary = run_tables(experiment)
+    assert len(trials) == 6 and summary["trials"] == 6  # num_samples honoured in total
+    assert len({t["trial_id"] for t in trials}) == 6
+    for trial in trials:  # no epoch reported twice; epochs continue 1..n
+        epochs = [h["training_iteration"] for h in history if h["trial_id"] == trial["trial_id"]]
+        assert epochs == list(range(1, trial["epochs"] + 1))
+    after = {p.parent.name: p.read_text().count("\n") for p in experiment.glob("trial_*/result.json")}
+    finished_before = [name for name, lines in before.items() if lines == 3]  # ran all 3 epochs
+    for name in finished_before:  # a finished trial was not run again
+        assert after[name] == 3
+
+
+def test_killed_trial_continues_from_its_checkpoint(ray_session, image_folder, tmp_path, monkeypatch):
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("TUNE_RESNET_CRASH_AT_EPOCH", "2")
+    monkeypatch.setenv("TUNE_RESNET_CRASH_MARKER", str(marker))
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 1, "max_epochs": 4, "grace_period": 4})
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "crash",
+                          "--no-refit")
+    assert code == 0, output
+    assert marker.exists(), "the fault hook never fired"
+    trials, history, _ = run_tables(tmp_path / "runs" / "crash")
+    assert trials[0]["status"] == "completed" and trials[0]["epochs"] == 4
+    assert [h["training_iteration"] for h in history] == [1, 2, 3, 4]  # continued, not restarted
+
+
+def test_exploding_loss_is_diverged_not_a_crash(ray_session, image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 2, "max_epochs": 2, "grace_period": 2},
+                        params={"lr": {"choice": [1.0e+6, 0.05]}},
+                        fixed={"arch": "cifar_resnet", "depth": 8, "width": 4, "schedule": "constant",
+                               "optimizer": "sgd", "augment": "none", "eval_batch_size": 64},
+                        sampler={"type": "grid", "seed": 0})
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "boom",
+                          "--max-concurrent", "1")
+    assert code == 0, output
+    trials, _, summary = run_tables(tmp_path / "runs" / "boom")
+    by_lr = {t["config/lr"]: t for t in trials}
+    assert by_lr[1.0e6]["status"] == "diverged"
+    assert by_lr[0.05]["status"] == "completed"
+    assert summary["by_status"]["diverged"] == 1
+    assert summary["best_config"]["lr"] == 0.05
+    assert "1 diverged" in output
+
+
+def test_ctrl_c_stops_with_state_saved_and_explains_resume(ray_session, image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3})
+    storage = tmp_path / "runs"
+    command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
+               "--name", "stopped", "--max-concurrent", "1", "--no-refit", "--cpus", "1"]
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while finished_trials(storage / "stopped") < 2 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)
+    output = driver.communicate(timeout=120)[0].decode()
+    assert driver.returncode == 130, output
+    assert "--resume" in output.strip().splitlines()[-1]
+    assert Path(storage / "stopped" / "trials.parquet").exists()  # what finished is kept
+    code, output = search("--space", str(space), "--storage", str(storage), "--name", "stopped",
+                          "--max-concurrent", "1", "--no-refit", "--resume")
+    assert code == 0, output
+    assert len(pq.read_table(storage / "stopped" / "trials.parquet")) == 6
