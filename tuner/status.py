@@ -1,0 +1,330 @@
+"""`tune-resnet status RUN_DIR`: one screen on a running or finished search, read from its folder.
+
+Only files are read, never Ray itself, so it works from another shell (or another machine on
+shared storage) while the search runs:
+
+- each Ray trial folder's result.json: one JSON line per reported epoch, appended as it happens;
+- Ray's experiment_state-*.json: every trial's status (PENDING, RUNNING, TERMINATED, ERROR),
+  saved by the driver every few seconds, so it may lag the result.json files a little;
+- search.json (the budget) and trials.parquet (the final statuses), once the search has ended.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+STATUSES = ("running", "pending", "completed", "early_stopped", "ended", "diverged", "errored")
+ALWAYS_SHOWN = ("running", "pending", "completed", "early_stopped", "errored")  # the others when > 0
+SHOWN_TRIALS = 12  # rows of the trial table; the rest are counted
+
+
+class StatusError(click.ClickException):
+    """Not a search folder: one line, exit code 2."""
+
+    exit_code = 2
+
+
+@dataclass
+class TrialState:
+    trial_id: str
+    status: str                                   # one of STATUSES; ended: completed or stopped early,
+                                                  # which is which unknown without the budget
+    rows: list[dict[str, Any]] = field(default_factory=list)  # result.json, one per epoch
+
+    @property
+    def epochs(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class Budget:
+    metric: str = "val_acc"
+    mode: str = "max"
+    num_samples: int | None = None   # None: unknown until search.json is written
+    max_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class SearchStatus:
+    folder: Path
+    budget: Budget
+    trials: list[TrialState]
+    finished: bool
+    started_at: float | None          # unix seconds
+    last_update: float | None         # unix seconds: the newest file of the run
+
+
+# ---------------------------------------------------------------------------------------------
+# 1) reading the folder
+# ---------------------------------------------------------------------------------------------
+
+def read_budget(folder: Path) -> Budget:
+    """From search.json (written when the search ends) or Ray's tuner.pkl (written when it starts)."""
+    record = _json(folder / "search.json")
+    if record:
+        budget = record.get("space", {}).get("budget", {})
+        return Budget(record.get("metric", "val_acc"), record.get("mode", "max"),
+                      budget.get("num_samples"), record.get("max_epochs") or budget.get("max_epochs"))
+    return _budget_from_tuner_pkl(folder / "tuner.pkl") or Budget()
+
+
+def _budget_from_tuner_pkl(path: Path) -> Budget | None:
+    """Best effort: Ray pickles the TuneConfig (num_samples, the ASHA scheduler with its max_t)
+    in tuner.pkl. Unpickling needs Ray importable; any failure just leaves the budget unknown."""
+    if not path.is_file():
+        return None
+    try:
+        import pickle
+
+        state = pickle.loads(path.read_bytes())  # our own search's file, written by Ray's Tuner
+        config = state["_tune_config"]
+        scheduler = config.scheduler
+        return Budget(getattr(scheduler, "_metric", None) or "val_acc", getattr(scheduler, "_mode", None) or "max",
+                      config.num_samples, getattr(scheduler, "_max_t", None))
+    except Exception:
+        return None
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_result_rows(path: Path) -> list[dict[str, Any]]:
+    """result.json: a JSON object per line; a line cut short by a write in progress is skipped,
+    and a retried trial's repeated epoch keeps its later report."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for line in filter(str.strip, lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        by_epoch[int(row.get("training_iteration", len(by_epoch) + 1))] = row
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def trial_folders(folder: Path) -> dict[Path, list[dict[str, Any]]]:
+    """Ray's trial folders (those with a result.json or params.json) -> their result rows."""
+    return {path: read_result_rows(path / "result.json") for path in sorted(folder.iterdir())
+            if path.is_dir() and ((path / "result.json").is_file() or (path / "params.json").is_file())}
+
+
+def experiment_state(folder: Path) -> tuple[dict[str, dict[str, Any]], float | None]:
+    """({trial_id: {status, logdir, last_result}}, search start) from the newest experiment_state-*.json.
+
+    Each trial is a JSON string in it; fields Ray could not write as JSON are cloudpickled
+    blobs, which are not needed here and are never unpickled."""
+    files = sorted(folder.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    state = _json(files[-1]) if files else None
+    if not state:
+        return {}, None
+    trials = {}
+    for entry in state.get("trial_data", []):
+        try:
+            trial = json.loads(entry[0])
+            metadata = json.loads(entry[1]) if len(entry) > 1 and isinstance(entry[1], str) else {}
+        except (ValueError, TypeError, IndexError):
+            continue
+        trials[trial.get("trial_id")] = {"status": trial.get("status"), "logdir": trial.get("relative_logdir"),
+                                         "last_result": metadata.get("last_result") or {}}
+    return trials, (state.get("stats") or {}).get("start_time")
+
+
+def final_statuses(folder: Path, newest_live: float) -> dict[str, str] | None:
+    """trial_id -> status from trials.parquet, when it is newer than every live file, or when
+    no trial is live (the search ended; a resumed one running again is read live instead)."""
+    path = folder / "trials.parquet"
+    if not path.is_file() or path.stat().st_mtime < newest_live:
+        return None
+    import pyarrow.parquet as pq
+
+    return {row["trial_id"]: row["status"] for row in pq.read_table(path, columns=["trial_id", "status"]).to_pylist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2) one status per trial
+# ---------------------------------------------------------------------------------------------
+
+def classify(rows: list[dict[str, Any]], ray_status: str | None, max_epochs: int | None,
+             error_after_results: bool = False) -> str:
+    """One of STATUSES, from what Ray says (if its state file knows the trial) and how many
+    epochs the trial reported against max_epochs (None: unknown)."""
+    if ray_status == "ERROR" or (ray_status is None and error_after_results):
+        return "errored"
+    if rows and rows[-1].get("diverged"):
+        return "diverged"
+    if max_epochs and len(rows) >= max_epochs:
+        return "completed"
+    if ray_status == "TERMINATED" and not max_epochs:
+        return "ended" if rows else "errored"
+    if ray_status == "TERMINATED":  # ended before max_epochs: ASHA stopped it (or the time limit)
+        return "early_stopped" if rows else "errored"
+    if ray_status == "PENDING" and not rows:
+        return "pending"
+    return "running"
+
+
+def read_status(run_dir: str | Path) -> SearchStatus:
+    folder = Path(run_dir)
+    budget = read_budget(folder)
+    ray_trials, started_at = experiment_state(folder)
+    folders = trial_folders(folder)
+    if not folders and not ray_trials and not (folder / "trials.parquet").is_file():
+        raise StatusError(f"{folder}: no Ray trial folders, experiment_state-*.json or trials.parquet; "
+                          "expected the run folder of a search (storage/name)")
+    by_logdir = {info["logdir"]: trial_id for trial_id, info in ray_trials.items() if info.get("logdir")}
+    trials: dict[str, TrialState] = {}
+    for path, rows in folders.items():
+        trial_id = by_logdir.get(path.name) or next((r["trial_id"] for r in rows if r.get("trial_id")), path.name)
+        ray_status = ray_trials.get(trial_id, {}).get("status")
+        error = path / "error.txt"
+        late_error = error.is_file() and error.stat().st_mtime >= _mtime(path / "result.json")
+        trials[trial_id] = TrialState(trial_id, classify(rows, ray_status, budget.max_epochs, late_error), rows)
+    for trial_id, info in ray_trials.items():  # known to Ray, no folder yet
+        if trial_id not in trials:
+            trials[trial_id] = TrialState(trial_id, classify([], info["status"], budget.max_epochs))
+    newest = max([_mtime(p / "result.json") for p in folders] + [_mtime(p) for p in folder.glob("experiment_state-*.json")]
+                 + [0.0])
+    live_done = bool(trials) and all(t.status not in ("running", "pending") for t in trials.values())
+    final = final_statuses(folder, 0.0 if live_done else newest)
+    if final is not None:  # ended: its tables are the truth, even for trial folders since deleted
+        history = _history_by_trial(folder)
+        for trial_id, status in final.items():
+            trials.setdefault(trial_id, TrialState(trial_id, status, history.get(trial_id, []))).status = status
+    if started_at is None:
+        starts = [r["timestamp"] - r.get("time_total_s", 0.0) for t in trials.values() for r in t.rows[:1]
+                  if isinstance(r.get("timestamp"), (int, float))]
+        started_at = min(starts) if starts else None
+    last_update = max(newest, _mtime(folder / "trials.parquet")) or None
+    return SearchStatus(folder, budget, list(trials.values()), final is not None, started_at, last_update)
+
+
+def _history_by_trial(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    path = folder / "history.parquet"
+    if not path.is_file():
+        return {}
+    import pyarrow.parquet as pq
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in pq.read_table(path).to_pylist():
+        out.setdefault(row["trial_id"], []).append(row)
+    return {k: sorted(v, key=lambda r: r.get("training_iteration") or 0) for k, v in out.items()}
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 3) the screen
+# ---------------------------------------------------------------------------------------------
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def best_so_far(status: SearchStatus) -> tuple[float, str, int] | None:
+    metric, sign = status.budget.metric, 1 if status.budget.mode == "max" else -1
+    found = [(row[metric], t.trial_id, int(row.get("training_iteration", 0)), row.get("timestamp") or 0)
+             for t in status.trials for row in t.rows
+             if not row.get("diverged") and isinstance(row.get(metric), (int, float)) and math.isfinite(row[metric])]
+    best = max(found, key=lambda f: (sign * f[0], -f[3])) if found else None  # a tie: the first to get there
+    return best[:3] if best else None
+
+
+def mean_epoch_time(status: SearchStatus) -> float | None:
+    """Seconds per epoch of one trial: the median of the reported epoch times (robust to the
+    first epoch's warm-up and to a retried epoch)."""
+    times = [r["epoch_time_s"] for t in status.trials for r in t.rows if isinstance(r.get("epoch_time_s"), (int, float))]
+    return statistics.median(times) if times else None
+
+
+def estimate_left(status: SearchStatus) -> str | None:
+    """Time left, from the median epoch time and the epochs the budget still allows: trials not
+    finished are assumed to run as many epochs as the finished ones did on average (ASHA's
+    observed stopping), or max_epochs before any finished."""
+    budget, epoch_s = status.budget, mean_epoch_time(status)
+    if status.finished or not budget.max_epochs or not budget.num_samples or epoch_s is None:
+        return None
+    done = [t.epochs for t in status.trials if t.status not in ("running", "pending")]
+    expected = statistics.mean(done) if done else budget.max_epochs
+    running = [t for t in status.trials if t.status == "running"]
+    unstarted = max(0, budget.num_samples - len(status.trials)) + sum(t.status == "pending" for t in status.trials)
+    left = sum(max(0.0, expected - t.epochs) for t in running) + unstarted * expected
+    worst = sum(budget.max_epochs - t.epochs for t in running) + unstarted * budget.max_epochs
+    at_once = max(1, len(running))
+    if not running and not unstarted:
+        return "time left: no trial left to run (the refit and the report may still be running)"
+    return (f"time left: ~{_clock(left * epoch_s / at_once)} (an estimate: ~{left:.0f} epochs left at "
+            f"{epoch_s:.1f} s each, {at_once} trial{'s' if at_once > 1 else ''} at a time; "
+            f"up to {_clock(worst * epoch_s / at_once)} if no more trials are stopped early)")
+
+
+def format_status(status: SearchStatus, now: float | None = None) -> list[str]:
+    now = time.time() if now is None else now
+    budget = status.budget
+    counts = {s: sum(t.status == s for t in status.trials) for s in STATUSES}
+    unstarted = max(0, (budget.num_samples or 0) - len(status.trials))
+    counts["pending"] += unstarted
+    live = unstarted or counts["running"] or counts["pending"]
+    state = ("finished" if status.finished else "running" if live
+             else "trials done, tables not written yet (refitting, or the search was stopped)")
+    updated = f", last update {_clock(now - status.last_update)} ago" if status.last_update else ""
+    planned = f"{budget.num_samples} planned" if budget.num_samples else "planned count unknown (no search.json, no readable tuner.pkl)"
+    lines = [f"run {status.folder}: {state}{updated}",
+             f"trials: {planned} | " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ALWAYS_SHOWN)]
+    best = best_so_far(status)
+    lines.append(f"best {budget.metric} so far: {best[0]:.4f} (trial {best[1]}, epoch {best[2]})" if best
+                 else f"best {budget.metric} so far: - (no epoch reported yet)")
+    epochs = sum(t.epochs for t in status.trials)
+    if status.started_at:
+        end = max((r.get("timestamp", 0) for t in status.trials for r in t.rows), default=now) if status.finished else now
+        lines.append(f"time spent: {_clock(max(0.0, end - status.started_at))}, {epochs} epochs reported"
+                     + (f" of at most {budget.num_samples * budget.max_epochs}" if budget.num_samples and budget.max_epochs else ""))
+    left = estimate_left(status)
+    if left:
+        lines.append(left)
+    return lines + trial_table(status)
+
+
+def trial_table(status: SearchStatus) -> list[str]:
+    metric, sign = status.budget.metric, 1 if status.budget.mode == "max" else -1
+    order = {s: i for i, s in enumerate(STATUSES)}
+
+    def best(t: TrialState) -> float | None:
+        values = [r[metric] for r in t.rows if isinstance(r.get(metric), (int, float)) and not r.get("diverged")]
+        return max(values, key=lambda v: sign * v) if values else None
+
+    ranked = sorted(status.trials, key=lambda t: (order.get(t.status, 9), -sign * (best(t) or 0.0)))
+    max_epochs = status.budget.max_epochs
+    lines = [f"  {'trial':<12} {'status':<14} {'epochs':>7} {'best ' + metric:>14} {'last ' + metric:>14}"]
+    for t in ranked[:SHOWN_TRIALS]:
+        last = t.rows[-1].get(metric) if t.rows else None
+        epochs = f"{t.epochs}/{max_epochs}" if max_epochs else str(t.epochs)
+        lines.append(f"  {t.trial_id[:12]:<12} {t.status:<14} {epochs:>7} {_num(best(t)):>14} {_num(last):>14}")
+    if len(ranked) > SHOWN_TRIALS:
+        lines.append(f"  ... {len(ranked) - SHOWN_TRIALS} more")
+    return lines
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
