@@ -154,3 +154,19 @@ def cifar10_root(cifar_batches: dict, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
     return cifar_batches["root"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: one embedded instance for the whole session (start-up costs seconds)
+# ---------------------------------------------------------------------------------------------
+
+DECLARED_GPUS = 4  # GPUs Ray believes it has: allocation is checked through the ids it hands out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=DECLARED_GPUS, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

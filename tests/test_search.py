@@ -1,7 +1,7 @@
 """End-to-end searches through the real Ray Tune, OptunaSearch and ASHA, on tiny generated data.
 
-One Ray instance serves the whole session (start-up costs seconds); it declares 4 GPUs that do
-not exist, so GPU allocation is checked through the ids Ray gives each trial.
+One Ray instance serves the whole session (conftest's ray_session: start-up costs seconds); it
+declares 4 GPUs that do not exist, so GPU allocation is checked through the ids Ray gives each trial.
 """
 
 from __future__ import annotations
@@ -16,22 +16,13 @@ from click.testing import CliRunner
 
 from tuner.cli import main
 
-DECLARED_GPUS = 4
+from conftest import DECLARED_GPUS
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=DECLARED_GPUS, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-def write_space(folder: Path, data: Path, **sections) -> Path:
+def write_space(folder: Path, images: Path, **sections) -> Path:
     space = {
         "name": "tiny",
-        "data": {"dataset": "imagefolder", "path": str(data), "val_fraction": 0.2, "input_size": 16},
+        "data": {"dataset": "imagefolder", "path": str(images), "val_fraction": 0.2, "input_size": 16},
         "budget": {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 3},
         "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 3},
         "trial": {"cpus": 1, "gpus": 0},
