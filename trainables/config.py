@@ -75,6 +75,10 @@ def field_names() -> tuple[str, ...]:
 
 def check_config(config: TrainConfig) -> None:
     """Validate values that types alone do not catch; raise ValueError naming the key."""
+    from .models import list_models  # torch: imported only when a config is checked
+
+    if config.arch not in list_models():
+        raise ValueError(f"arch: unknown model {config.arch!r}; expected one of {', '.join(list_models())}")
     choices = {"freeze": FREEZE_STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                "augment": AUGMENTS, "stem": STEMS}
     for key, allowed in choices.items():

@@ -1,0 +1,98 @@
+"""Users' mistakes: each ends in one line on the terminal, exit code 2, and nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_image_folder
+from test_search import write_space
+from tuner.cli import main
+
+
+def garbage_folder(root: Path) -> Path:
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            (root / split / cls / "x.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def one_class_unreadable(root: Path) -> Path:
+    write_image_folder(root, classes={"red": 0, "green": 1})
+    for path in (root / "train" / "green").iterdir():
+        path.write_bytes(b"\x00" * 10)
+    return root
+
+
+def mismatched_classes(root: Path) -> Path:
+    write_image_folder(root, classes={"red": 0, "green": 1})
+    (root / "test" / "green").rename(root / "test" / "blue")
+    return root
+
+
+def not_an_archive(root: Path) -> Path:
+    root.mkdir()
+    (root / "data.tar.gz").write_bytes(b"this is no archive")
+    return root / "data.tar.gz"
+
+
+def empty_folder(root: Path) -> Path:
+    root.mkdir()
+    return root
+
+
+# (how to make the data, space edits, what the one line must say)
+CASES = {
+    "missing data folder": (lambda root: root / "missing", {}, "does not exist"),
+    "empty data folder": (empty_folder, {}, "has no train/<class>/"),
+    "corrupt data folder": (garbage_folder, {}, "no readable images"),
+    "a class with no readable images": (one_class_unreadable, {}, "train/green/"),
+    "train and test classes differ": (mismatched_classes, {}, "differ"),
+    "not an archive": (not_an_archive, {}, "not a readable .tar.gz/.tar/.zip archive"),
+    "unknown dataset": (lambda root: write_image_folder(root), {"data": {"dataset": "mnist"}}, "unknown dataset"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_data_is_one_line_exit_2_and_nothing_written(case, tmp_path):
+    make, edits, message = CASES[case]
+    data = make(tmp_path / "data")
+    space = write_space(tmp_path, data, **edits)
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--storage", str(tmp_path / "runs")])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert lines[-1].startswith("Error: ") and message in lines[-1], result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_space_file_that_is_not_yaml(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00 binary: [")
+    result = CliRunner().invoke(main, ["search", "--space", str(space)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "space.yaml" in result.output
+
+
+def test_train_command_rejects_bad_values_in_one_line(tmp_path, image_folder):
+    config = tmp_path / "train.yaml"
+    config.write_text("arch: resnet21\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--dataset", "imagefolder",
+                                       "--data", str(image_folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "resnet20" in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_address_with_no_cluster_fails_fast(tmp_path, image_folder):
+    space = write_space(tmp_path, image_folder)
+    done = subprocess.run([sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage",
+                           str(tmp_path / "runs"), "--address", "127.0.0.1:9"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--address: no Ray cluster at 127.0.0.1:9" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
