@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -50,6 +52,8 @@ def start(*, address: str | None, num_cpus: int | None, verbose: bool) -> Cluste
     """Start Ray embedded (default) or join a running cluster (address, e.g. 'auto')."""
     if ray.is_initialized():  # tests share one Ray per session
         return _describe(embedded=address is None)
+    if address and ":" in address and not address.startswith("ray://"):
+        _check_reachable(address)  # ray.init retries an absent host:port for minutes
     options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=verbose,
                                    logging_level=logging.INFO if verbose else logging.ERROR)
     try:
@@ -62,6 +66,15 @@ def start(*, address: str | None, num_cpus: int | None, verbose: bool) -> Cluste
         hint = "start one with `ray start --head` or `ray up cluster.yaml`" if address else "check --cpus/--gpus"
         raise ClusterError(f"--address: no Ray cluster reachable {where} ({str(error).splitlines()[0]}); {hint}") from None
     return _describe(embedded=address is None)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as error:
+        raise ClusterError(f"--address: no Ray cluster at {address} ({error}); start one with "
+                           "`ray start --head` or `ray up cluster.yaml`, or leave --address out") from None
 
 
 def _describe(*, embedded: bool) -> Cluster:
@@ -205,6 +218,8 @@ def run_search(plan: SearchPlan, *, callbacks: list[tune.Callback], resume: bool
     path = experiment_path(plan)
     if not plan.verbose:  # the legacy reporter at verbose=0 prints nothing; ours prints progress
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     if resume:
         tuner = tune.Tuner.restore(path, trainable=_trainable(plan), resume_errored=True)
@@ -267,6 +282,43 @@ class ProgressCallback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.listener.tick()
+
+
+class PruneCheckpoints(tune.Callback):
+    """Deletes the checkpoints of finished trials that are not the best so far, so a 200-trial
+    search keeps the checkpoints of the running trials and of one finished trial, not of 200.
+    Errored trials keep theirs: `--resume` may retry them."""
+
+    def __init__(self, metric: str, mode: str) -> None:
+        self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
+        self.best: tuple[float, Any] | None = None  # (signed value, trial)
+        self.finished: set[str] = set()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if value is None or result.get(METRIC_DIVERGED):
+            return
+        if self.best is None or self.sign * value > self.best[0]:
+            previous, self.best = self.best, (self.sign * value, trial)
+            if previous and previous[1] is not trial and previous[1].trial_id in self.finished:
+                _delete_checkpoints(previous[1])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+        if self.best is None or self.best[1] is not trial:
+            _delete_checkpoints(trial)
+
+
+def _delete_checkpoints(trial) -> None:
+    storage = trial.storage
+    fs = storage.storage_filesystem
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(storage.trial_fs_path))
+        for entry in entries:
+            if entry.type == pafs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+                fs.delete_dir(entry.path)
+    except OSError:  # pruning saves disk; it must never stop a search
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

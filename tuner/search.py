@@ -33,6 +33,9 @@ class SearchError(click.ClickException):
 
     exit_code = 2
 
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # one line, whatever the cause's text held
+
 
 class Interrupted(click.ClickException):
     """Ctrl-C: the search stopped with its state saved."""
@@ -196,7 +199,8 @@ def run(options: SearchOptions) -> dict[str, Any]:
                f"{resources.max_concurrent} at a time ({resources.cpus_per_trial:g} CPU, "
                f"{resources.gpus_per_trial:g} GPU each) -> {run_dir}")
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs)
-    grid = _ray.run_search(plan, callbacks=[_ray.ProgressCallback(progress)], resume=resume)
+    callbacks = [_ray.ProgressCallback(progress), _ray.PruneCheckpoints(plan.metric, plan.mode)]
+    grid = _ray.run_search(plan, callbacks=callbacks, resume=resume)
     found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode,
                             max_epochs=plan.max_epochs, num_samples=plan.num_samples)
     _save_space(spec, run_dir, base, plan)
