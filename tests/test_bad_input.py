@@ -96,3 +96,17 @@ def test_address_with_no_cluster_fails_fast(tmp_path, image_folder):
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--address: no Ray cluster at 127.0.0.1:9" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
+def test_full_disk_is_one_line(tmp_path, image_folder, monkeypatch):
+    import errno
+
+    import trainables.data
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "data.safetensors"))
+
+    monkeypatch.setattr(trainables.data, "save_file", full)  # the cache write meets a full disk
+    result = CliRunner().invoke(main, ["data", "prepare", "--dataset", "imagefolder", "--data", str(image_folder)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: disk full writing") and "--resume" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import time
@@ -26,6 +27,11 @@ def user_errors(command):
             return command(*args, **kwargs)
         except (SpaceError, DataError, PretrainedError) as error:
             raise SearchError(str(error)) from None
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise SearchError(f"disk full writing {error.filename or 'results'}: free space, or point --storage "
+                              "(and TUNE_RESNET_CACHE) at a larger disk, then run again with --resume") from None
         except Exception as error:
             from ._ray import ClusterError  # imports Ray: only on this path
             if isinstance(error, ClusterError):
