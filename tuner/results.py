@@ -50,16 +50,21 @@ def collect(records: list, *, metric: str, mode: str, max_epochs: int, num_sampl
             "best_val_acc": best_row.get("val_acc"), "best_val_loss": best_row.get("val_loss"),
             "last_val_acc": last.get("val_acc"), "last_val_loss": last.get("val_loss"),
             "wall_time_s": (record.history[-1].get("time_total_s") if record.history else None),
-            "node_ip": last.get("node_ip"), "gpu_ids": last.get("gpu_ids"),
+            "node_ip": last.get("node_ip"), "node_id": last.get("node_id"), "gpu_ids": last.get("gpu_ids"),
             "cuda_visible_devices": last.get("cuda_visible_devices"),
             "started_at": record.history[0].get("started_at") if record.history else None,
-            "ended_at": record.history[-1].get("timestamp") if record.history else None,
+            "ended_at": _ended_at(record.history[-1]) if record.history else None,
             "error": record.error, "path": record.path, "checkpoint": record.checkpoint_path,
             **{f"config/{k}": v for k, v in record.params.items()},
         })
         history += [{"trial_id": record.trial_id, **{c: r.get(c) for c in HISTORY_COLUMNS}}
                     for r in record.history]
     return SearchResults(trials, history, _summary(trials, metric, mode, max_epochs, num_samples))
+
+
+def _ended_at(row: dict[str, Any]) -> float | None:
+    """The last report's time; Ray's own timestamp is rounded down to the second."""
+    return row.get("reported_at") or row.get("timestamp")
 
 
 def _finite(value: Any) -> bool:
@@ -99,6 +104,29 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), path
+
+
+def write_file(run_dir: str, name: str, data: bytes) -> None:
+    """One file into run_dir (a folder or a URI)."""
+    fs, root = _filesystem(run_dir)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{name}") as stream:
+        stream.write(data)
+
+
+def upload(local_dir: str, uri: str) -> None:
+    """A local folder's files to a URI (s3://, gs://, file://, ...), keeping their relative paths."""
+    fs, root = _filesystem(uri)
+    fs.create_dir(root, recursive=True)  # a local or mounted destination needs its folder
+    pafs.copy_files(local_dir, root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download(uri: str, local_dir: str) -> str:
+    """A folder at a URI into local_dir; returns local_dir."""
+    fs, root = _filesystem(uri)
+    pafs.LocalFileSystem().create_dir(local_dir, recursive=True)
+    pafs.copy_files(root, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local_dir
 
 
 def format_summary(summary: dict[str, Any]) -> list[str]:

@@ -1,0 +1,433 @@
+"""Clusters: cluster.yaml against Ray's own validator, resource planning over several nodes, the
+storage checks, and a real two-node Ray cluster on this machine that a search runs on.
+
+The two-node cluster is two `ray start --block` processes (a head and a worker, each declaring
+1 CPU and 2 GPUs that do not exist), with their own ports and temp folder so they never meet the
+session's embedded Ray; the search runs in a separate driver process, as `tune-resnet search
+--address` would on a real cluster. Both nodes have this machine's IP, so trials are told apart
+by Ray node id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_search import run_tables, search, write_space
+from tuner import _ray
+from tuner.search import SearchError, SearchOptions, load_spec, plan_resources
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_YAML = ROOT / "cluster.yaml"
+NODE_CPUS, NODE_GPUS = 1, 2  # per node; two nodes
+TRIALS_AT_ONCE = 8           # 4 GPUs / 0.5 per trial, and 2 CPUs / 0.25 per trial
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster.yaml
+# ---------------------------------------------------------------------------------------------
+
+def cluster_config() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    """What `ray up` does before it talks to the cloud: fill in the provider's defaults, validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(cluster_config())
+    validate_config(config)  # raises on any schema or consistency error
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+    assert workers and all(t["resources"]["GPU"] >= 1 for t in workers), "workers have GPUs"
+    assert all(0 <= t["min_workers"] < t["max_workers"] <= config["max_workers"] for t in workers), "autoscaling range"
+
+
+@pytest.mark.parametrize("edit, error", [
+    ({"max_workers": 1}, "smaller than the sum of `min_workers`"),
+    ({"max_wokers": 4}, "('max_wokers' was unexpected)"),
+    ({"idle_timeout_minutes": "ten"}, "'ten' is not of type 'number'"),
+    ({"head_node_type": "gpu"}, "must be one of `available_node_types`"),
+])
+def test_rays_validator_does_refuse_a_broken_config(edit, error):
+    """The check above is worth something: the same calls refuse these edits of cluster.yaml."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    with pytest.raises(Exception, match=re.escape(error)):
+        validate_config(prepare_config({**cluster_config(), **edit}))
+
+
+def test_cluster_yaml_installs_the_versions_the_tests_ran_with():
+    commands = " ".join(cluster_config()["setup_commands"])
+    pins = dict(re.findall(r'"([a-z_-]+)(?:\[[a-z,]+\])?==([^"]+)"', commands))
+    assert {"ray", "torch", "torchvision", "optuna", "pyarrow"} <= set(pins)
+    for package, version in pins.items():
+        assert metadata.version(package) == version, f"cluster.yaml pins {package}=={version}"
+    assert f"--python {sys.version_info.major}.{sys.version_info.minor} ~/venv" in commands
+    assert '-e "$HOME/tune-resnet[export]"' in commands  # this project, from the synced copy
+
+
+def test_cluster_yaml_mounts_the_project_and_holds_no_credentials():
+    config = cluster_config()
+    mounts = config["file_mounts"]
+    assert "~/tune-resnet" in mounts
+    for local in mounts.values():  # `ray up` runs from the project root
+        assert (ROOT / local).exists(), local
+    assert (ROOT / mounts["~/tune-resnet"] / "spaces" / "quick.yaml").exists()  # the spaces travel with it
+    text = CLUSTER_YAML.read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]|ssh_private_key:|BEGIN [A-Z ]*PRIVATE KEY",
+                         text, flags=re.IGNORECASE)
+    assert "ssh_private_key" not in config["auth"] and "KeyName" not in json.dumps(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning resources over several nodes (no Ray: the cluster is described)
+# ---------------------------------------------------------------------------------------------
+
+def cluster_of(*nodes: tuple[float, float]) -> _ray.Cluster:
+    """nodes: (CPUs, GPUs) of each node."""
+    return _ray.Cluster(cpus=sum(c for c, _ in nodes), gpus=sum(g for _, g in nodes), nodes=len(nodes),
+                        max_gpus_per_node=max(g for _, g in nodes), embedded=False, node_resources=nodes)
+
+
+@pytest.mark.parametrize("nodes, trial, flags, at_once", [
+    ([(1, 2), (1, 2)], {"cpus": 0.25, "gpus": 0.5}, {"gpus": 4}, 8),   # fractions: two trials per GPU
+    ([(1, 2), (1, 2)], {"cpus": 0.25, "gpus": 0.5}, {"gpus": 3}, 6),   # --gpus caps the total in use
+    ([(1, 2), (1, 2)], {"cpus": 0.25, "gpus": 1}, {}, 4),              # whole GPUs
+    ([(8, 0), (1, 2), (1, 2)], {"cpus": 1, "gpus": 0.5}, {}, 2),        # the CPUs are on the GPU-less head
+    ([(16, 0), (8, 1), (8, 1)], {"cpus": 4, "gpus": 1}, {}, 2),         # cluster.yaml's shape
+    ([(1, 1)], {"cpus": 0.1, "gpus": 0.1}, {}, 10),                    # 1 / 0.1 is 10 here, as in Ray
+])
+def test_trials_at_once_count_what_fits_on_each_node(image_folder, tmp_path, nodes, trial, flags, at_once):
+    space = write_space(tmp_path, image_folder, trial=trial, budget={"num_samples": 20})
+    options = SearchOptions(space=str(space), **flags)
+    resources = plan_resources(load_spec(options), options, cluster_of(*nodes))
+    assert resources.max_concurrent == at_once
+
+
+@pytest.mark.parametrize("nodes, trial, flags, message", [
+    ([(4, 2), (4, 2)], {"gpus": 4}, {}, "trial.gpus: 4 GPUs per trial, but no node has more than 2"),
+    ([(4, 2), (4, 2)], {"gpus": 0.5}, {"gpus": 5}, "--gpus: 5 asked, but the cluster has 4 now"),
+    ([(1, 2), (1, 2)], {"cpus": 2, "gpus": 1}, {}, "trial.cpus: 2 CPU + 1 GPU per trial, but no node has that much"),
+    ([(8, 0), (2, 1)], {"cpus": 4, "gpus": 1}, {}, "(nodes: 8 CPU + 0 GPU, 2 CPU + 1 GPU)"),
+])
+def test_a_trial_no_node_can_hold_is_refused(image_folder, tmp_path, nodes, trial, flags, message):
+    space = write_space(tmp_path, image_folder, trial=trial)
+    options = SearchOptions(space=str(space), **flags)
+    with pytest.raises(SearchError) as error:
+        plan_resources(load_spec(options), options, cluster_of(*nodes))
+    assert message in error.value.message
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage and inputs every node must see (Ray's answers faked: one machine sees one disk)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_nodes_one_blind(monkeypatch):
+    """A 2-node cluster where node 10.0.0.7 sees none of the paths in `hidden`; records what was asked."""
+    asked: list[tuple[str, bool]] = []
+    hidden: list[str] = []
+
+    def nodes_missing(path: str, **_) -> list[str]:
+        asked.append((path, os.path.exists(path)))
+        return ["10.0.0.7 (6f3a9c21)"] if any(path.startswith(h) for h in hidden) else []
+
+    monkeypatch.setattr(_ray, "start", lambda **_: cluster_of((4, 1), (4, 1)))
+    monkeypatch.setattr(_ray, "nodes_missing", nodes_missing)
+    return asked, hidden
+
+
+def test_storage_a_node_cannot_see_is_refused_in_one_line(two_nodes_one_blind, image_folder, tmp_path):
+    asked, hidden = two_nodes_one_blind
+    storage = tmp_path / "runs"
+    hidden.append(str(storage))
+    space = write_space(tmp_path, image_folder)
+    code, output = search("--space", str(space), "--storage", str(storage), "--address", "auto")
+    assert code == 2, output
+    assert output.strip().splitlines()[-1] == (
+        f"Error: --storage: {storage} is not visible from node 10.0.0.7 (6f3a9c21); on a "
+        "multi-node cluster use a shared folder (NFS) or a URI such as s3://bucket/runs")
+    assert output.count("Error") == 1 and "Traceback" not in output
+    marker, existed = asked[0]
+    assert Path(marker).parent == storage and existed  # the driver wrote a marker for the nodes to look for
+    assert not Path(marker).exists() and list(storage.iterdir()) == []  # and took it away
+
+
+def test_data_a_node_cannot_see_is_refused(two_nodes_one_blind, image_folder, tmp_path):
+    asked, hidden = two_nodes_one_blind
+    hidden.append(str(image_folder))
+    space = write_space(tmp_path, image_folder)
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--address", "auto")
+    assert code == 2, output
+    error = output.strip().splitlines()[-1]
+    assert error.startswith(f"Error: data.path: {image_folder} is not visible from node 10.0.0.7")
+    assert "file_mounts in cluster.yaml" in error and output.count("Error") == 1
+
+
+def test_uri_storage_is_not_probed_on_nodes(two_nodes_one_blind, image_folder, tmp_path):
+    from tuner.search import check_cluster_paths
+
+    asked, hidden = two_nodes_one_blind
+    base = {"data_path": None, "pretrained": "torchvision"}
+    check_cluster_paths("s3://bucket/runs", base, cluster_of((4, 1), (4, 1)))
+    assert asked == []
+
+
+def test_remote_paths_from_ray_get_their_scheme_back():
+    s3 = type("S3FileSystem", (), {"type_name": "s3"})()
+    gcs = type("GcsFileSystem", (), {"type_name": "gcs"})()
+    local = type("LocalFileSystem", (), {"type_name": "local"})()
+    assert _ray._as_uri(s3, "bucket/runs/x/trial_1") == "s3://bucket/runs/x/trial_1"
+    assert _ray._as_uri(gcs, "bucket/runs/x") == "gs://bucket/runs/x"
+    assert _ray._as_uri(local, "/tmp/runs/x") == "/tmp/runs/x"
+
+
+def test_best_folder_goes_up_to_a_uri_and_a_warm_start_checkpoint_comes_down(tmp_path):
+    from tuner import results
+    from tuner.search import _with_local_checkpoint
+
+    best = tmp_path / "local" / "best"
+    (best / "exports").mkdir(parents=True)
+    (best / "config.json").write_text("{}")
+    (best / "exports" / "model.ts").write_bytes(b"ts")
+    results.upload(str(best), f"file://{tmp_path}/store/run/best")
+    uploaded = sorted(str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*") if p.is_file())
+    assert uploaded == ["run/best/config.json", "run/best/exports/model.ts"]
+
+    found = results.SearchResults(
+        trials=[{"trial_id": "a", "checkpoint": f"file://{tmp_path}/store/run/best"},
+                {"trial_id": "b", "checkpoint": "s3://not/touched"}],
+        history=[], summary={"best_trial_id": "a"})
+    local = _with_local_checkpoint(found, str(tmp_path / "warm"))
+    assert local.trials[0]["checkpoint"] == str(tmp_path / "warm") and (tmp_path / "warm" / "config.json").is_file()
+    assert local.trials[1] == found.trials[1] and found.trials[0]["checkpoint"].startswith("file://")
+
+
+# ---------------------------------------------------------------------------------------------
+# A real two-node Ray cluster on this machine
+# ---------------------------------------------------------------------------------------------
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+CLUSTER_TOKEN = secrets.token_hex(32)  # Ray's token auth, on: the nodes listen on every interface
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray
+    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": CLUSTER_TOKEN,
+            **extra}
+
+
+def start_node(temp_dir: Path, log: Path, env: dict, *args: str) -> subprocess.Popen:
+    """`ray start --block` in its own process group, with every port of its own."""
+    ports = dict(zip(("--node-manager-port", "--object-manager-port", "--metrics-export-port",
+                      "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"),
+                     free_ports(6)))
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
+               "--num-cpus", str(NODE_CPUS), "--num-gpus", str(NODE_GPUS),
+               "--object-store-memory", str(100 * 1024**2), "--temp-dir", str(temp_dir),
+               *[str(x) for pair in ports.items() for x in pair], *args]
+    with log.open("w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
+
+
+def stop(nodes: list[subprocess.Popen], temp_dir: Path) -> None:
+    """SIGKILL to each node's process group (a SIGTERM drains for 30 s: nothing here needs it), then
+    to whatever of ours is left, found by its temp dir: only this fixture's processes name it."""
+    gone = contextlib.suppress(ProcessLookupError, PermissionError)
+    for node in nodes:
+        with gone:
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+    for pid in processes_using(temp_dir):
+        with gone:
+            os.kill(pid, signal.SIGKILL)
+
+
+def processes_using(temp_dir: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if str(temp_dir).encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """Head + worker, 1 CPU and 2 GPUs each; yields its address and facts about it."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="trc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    barrier = temp_dir / "barrier"
+    barrier.mkdir()
+    env = child_env(TUNE_RESNET_BARRIER=f"{barrier}:{TRIALS_AT_ONCE}")
+    port, dashboard_port = free_ports(2)
+    nodes = [start_node(temp_dir, temp_dir / "head.log", env, "--head", "--port", str(port),
+                        "--include-dashboard", "false", "--dashboard-port", str(dashboard_port))]
+    try:
+        wait_for_port(port, 60)
+        nodes.append(start_node(temp_dir, temp_dir / "worker.log", env, "--address", f"127.0.0.1:{port}"))
+        facts = probe(f"127.0.0.1:{port}", temp_dir)
+        yield {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, **facts}
+    finally:
+        stop(nodes, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+PROBE = """
+import dataclasses, json, sys, time
+import ray
+from tuner import _ray
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+deadline = time.monotonic() + 90
+while sum(n["Alive"] for n in ray.nodes()) < 2 and time.monotonic() < deadline:
+    time.sleep(0.2)
+print(json.dumps({"node_ids": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+                  "cluster": dataclasses.asdict(_ray._describe(embedded=False)),
+                  "missing_there": _ray.nodes_missing(sys.argv[2]),
+                  "missing_absent": _ray.nodes_missing(sys.argv[2] + ".absent")}))
+"""
+
+
+def probe(address: str, temp_dir: Path) -> dict:
+    """Waits until both nodes are alive, then asks each node, by a task pinned to it, about a file."""
+    there = temp_dir / "there"
+    there.write_text("x")
+    done = subprocess.run([sys.executable, "-c", PROBE, address, str(there)], env=child_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def driver(*args: str) -> tuple[int, str]:
+    """`tune-resnet search` as its own process, joining the cluster like on a real one."""
+    done = subprocess.run([sys.executable, "-m", "tuner.cli", "search", *args], env=child_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_both_nodes_answer_for_themselves(local_cluster):
+    assert len(local_cluster["node_ids"]) == 2
+    cluster = local_cluster["cluster"]
+    assert (cluster["nodes"], cluster["cpus"], cluster["gpus"], cluster["max_gpus_per_node"]) == (2, 2, 4, 2)
+    assert local_cluster["missing_there"] == []  # each node's pinned task ran there and saw the file
+    missing = local_cluster["missing_absent"]  # 'ip (node id)', one per node
+    assert sorted(m.split(" (")[1].rstrip(")") for m in missing) == sorted(n[:8] for n in local_cluster["node_ids"])
+
+
+def peak(intervals: list[tuple[float, float]]) -> int:
+    """Most intervals open at one instant."""
+    return max(sum(start <= t < end for start, end in intervals) for t, _ in intervals)
+
+
+def assert_only_the_best_keeps_checkpoints(trials: list[dict], summary: dict, run_dir: Path) -> None:
+    """Checkpoints land in storage; the search then prunes those of finished trials but one best
+    (on a tie, not necessarily the summary's best trial)."""
+    for trial in trials:
+        checkpoint = Path(trial["checkpoint"])
+        assert checkpoint.parent == Path(trial["path"]) and checkpoint.parent.parent == run_dir
+    kept = [t for t in trials if Path(t["checkpoint"]).is_dir()]
+    assert len(kept) == 1 and kept[0]["best_val_acc"] == summary["best_val_acc"]
+
+
+def test_search_on_two_nodes_runs_8_trials_at_once_on_half_gpus(local_cluster, image_folder, tmp_path, data_cache):
+    space = write_space(tmp_path, image_folder, trial={"cpus": 0.25, "gpus": 0.5},
+                        budget={"num_samples": 8, "max_epochs": 2, "grace_period": 2})
+    storage = tmp_path / "runs"
+    code, output = driver("--space", str(space), "--address", local_cluster["address"], "--storage", str(storage),
+                          "--name", "nodes", "--gpus", "4", "--gpus-per-trial", "0.5", "--no-refit")
+    assert code == 0, output
+    assert f"{TRIALS_AT_ONCE} at a time (0.25 CPU, 0.5 GPU each)" in output
+    assert f"storage: {storage} is visible from all 2 nodes" in output
+    run_dir = storage / "nodes"
+    trials, history, summary = run_tables(run_dir)
+    assert len(trials) == 8 and summary["by_status"]["completed"] == 8
+
+    # Trials ran on both nodes, each on one GPU id of its node, 0.5 of it.
+    assert {t["node_id"] for t in trials} == set(local_cluster["node_ids"])
+    for trial in trials:
+        assert trial["gpu_ids"] in {"0", "1"} and trial["cuda_visible_devices"] == trial["gpu_ids"]
+    intervals = [(t["started_at"], t["ended_at"]) for t in trials]
+    arrivals = sorted(int(p.name.split("-")[1]) / 1e9 for p in (local_cluster["temp_dir"] / "barrier").iterdir())
+    print(f"trial starts spread over {arrivals[-1] - arrivals[0]:.1f} s; "
+          f"trials lasted {min(e - s for s, e in intervals):.1f}-{max(e - s for s, e in intervals):.1f} s")
+    assert peak(intervals) == TRIALS_AT_ONCE  # all 8 trained at the same time
+    by_gpu: dict[tuple, list] = {}
+    for trial in trials:
+        by_gpu.setdefault((trial["node_id"], trial["gpu_ids"]), []).append((trial["started_at"], trial["ended_at"]))
+    assert len(by_gpu) == 4
+    assert all(peak(spans) * 0.5 <= 1.0 for spans in by_gpu.values())  # no GPU ever carried more than 1.0
+
+    # Every result and checkpoint reached the storage.
+    for name in ("trials.parquet", "history.parquet", "summary.json", "search.json"):
+        assert (run_dir / name).is_file(), name
+    folders = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("trial"))
+    assert len(folders) == 8
+    for folder in folders:  # each epoch's report came with a checkpoint that Ray had put in storage
+        rows = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()]
+        assert [row["checkpoint_dir_name"] for row in rows] == ["checkpoint_000000", "checkpoint_000001"]
+    assert_only_the_best_keeps_checkpoints(trials, summary, run_dir)
+
+    # The data was decoded once, by the driver; no trial rebuilt the cache.
+    caches = list(data_cache.glob("imagefolder-*/data.safetensors"))
+    assert len(caches) == 1 and caches[0].stat().st_mtime < min(start for start, _ in intervals)
+
+
+def test_search_with_a_uri_storage_uploads_tables_checkpoints_and_model(local_cluster, image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, trial={"cpus": 0.5, "gpus": 0.5},
+                        budget={"num_samples": 2, "max_epochs": 1, "grace_period": 1}, refit={"epochs": 1})
+    store = tmp_path / "store"
+    code, output = driver("--space", str(space), "--address", local_cluster["address"],
+                          "--storage", f"file://{store}", "--name", "uri")
+    assert code == 0, output
+    assert f"storage: file://{store} is visible from all 2 nodes" in output
+    run_dir = store / "uri"
+    assert f"uploaded best/ to file://{run_dir}/best" in output
+    trials, _, summary = run_tables(run_dir)
+    assert len(trials) == 2 and (run_dir / "search.json").is_file()
+    for trial in trials:
+        assert Path(trial["path"]).parent == run_dir and (Path(trial["path"]) / "result.json").is_file()
+    assert_only_the_best_keeps_checkpoints(trials, summary, run_dir)
+    best = run_dir / "best"
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["search_val_acc"] == pytest.approx(summary["best_val_acc"])
+    for name in ("weights.safetensors", "config.json", "labels.txt", "model.ts"):
+        assert (best / name).is_file(), name
