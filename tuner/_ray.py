@@ -6,6 +6,7 @@ Ray's API moves between releases; keeping it in one module keeps the churn in on
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -285,28 +286,36 @@ class ProgressCallback(tune.Callback):
 
 
 class PruneCheckpoints(tune.Callback):
-    """Deletes the checkpoints of finished trials that are not the best so far, so a 200-trial
-    search keeps the checkpoints of the running trials and of one finished trial, not of 200.
-    Errored trials keep theirs: `--resume` may retry them."""
+    """Deletes the checkpoints of finished trials that are not among the best so far, so a
+    200-trial search keeps the checkpoints of the running trials and of the best, not of 200.
+    Ties all keep theirs (the summary picks one of them). Errored trials keep theirs: `--resume`
+    may retry them."""
 
     def __init__(self, metric: str, mode: str) -> None:
         self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
-        self.best: tuple[float, Any] | None = None  # (signed value, trial)
-        self.finished: set[str] = set()
+        self.score: dict[str, float] = {}  # trial_id -> best signed value so far
+        self.finished: dict[str, Any] = {}  # trial_id -> trial, checkpoints still on disk
+
+    def _best(self) -> float:
+        return max(self.score.values(), default=-math.inf)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
-        if value is None or result.get(METRIC_DIVERGED):
+        if value is None or result.get(METRIC_DIVERGED) or not math.isfinite(value):
             return
-        if self.best is None or self.sign * value > self.best[0]:
-            previous, self.best = self.best, (self.sign * value, trial)
-            if previous and previous[1] is not trial and previous[1].trial_id in self.finished:
-                _delete_checkpoints(previous[1])
+        self.score[trial.trial_id] = max(self.score.get(trial.trial_id, -math.inf), self.sign * value)
+        self._prune_below_best()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.finished.add(trial.trial_id)
-        if self.best is None or self.best[1] is not trial:
-            _delete_checkpoints(trial)
+        self.finished[trial.trial_id] = trial
+        self._prune_below_best()
+
+    def _prune_below_best(self) -> None:
+        best = self._best()
+        for trial_id, trial in list(self.finished.items()):
+            if self.score.get(trial_id, -math.inf) < best:
+                _delete_checkpoints(trial)
+                del self.finished[trial_id]
 
 
 def _delete_checkpoints(trial) -> None:
