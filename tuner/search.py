@@ -198,12 +198,12 @@ def run(options: SearchOptions) -> dict[str, Any]:
     click.echo(f"{'resuming' if resume else 'searching'}: {spec.budget.num_samples} trials, "
                f"{resources.max_concurrent} at a time ({resources.cpus_per_trial:g} CPU, "
                f"{resources.gpus_per_trial:g} GPU each) -> {run_dir}")
+    _save_space(spec, run_dir, base, plan)  # first: `tune-resnet status` reads the budget from it
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs)
     callbacks = [_ray.ProgressCallback(progress), _ray.PruneCheckpoints(plan.metric, plan.mode)]
     grid = _ray.run_search(plan, callbacks=callbacks, resume=resume)
     found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode,
                             max_epochs=plan.max_epochs, num_samples=plan.num_samples)
-    _save_space(spec, run_dir, base, plan)
     results.write(found, run_dir)
     if _ray.interrupted(grid, plan):
         raise Interrupted(f"interrupted with {found.summary['trials']} of {plan.num_samples} trials started; "
