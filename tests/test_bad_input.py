@@ -110,3 +110,21 @@ def test_full_disk_is_one_line(tmp_path, image_folder, monkeypatch):
     result = CliRunner().invoke(main, ["data", "prepare", "--dataset", "imagefolder", "--data", str(image_folder)])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("Error: disk full writing") and "--resume" in result.output
+
+
+def test_pretrained_weights_that_do_not_fit_their_config(tmp_path, image_folder, tiny_config):
+    import json
+
+    from trainables.checkpoint import save_weights
+    from trainables.models import create_model
+
+    other = create_model("cifar_resnet", num_classes=3, depth=14, width=4)  # not the depth-8 of its config
+    save_weights(tmp_path / "model", other, {"config": tiny_config.to_dict(), "num_classes": 3,
+                                             "classes": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.2] * 3})
+    config = tmp_path / "train.yaml"
+    config.write_text(json.dumps({"pretrained": str(tmp_path / "model")}))
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--dataset", "imagefolder",
+                                       "--data", str(image_folder), "--input-size", "16", "--epochs", "1",
+                                       "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "do not fit" in result.output.strip().splitlines()[-1] and "Traceback" not in result.output

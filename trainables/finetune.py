@@ -64,7 +64,11 @@ def _from_checkpoint(config: TrainConfig, num_classes: int) -> ResNet:
     model = create_model(saved.arch, num_classes=checkpoint["num_classes"], depth=saved.depth,
                          width=saved.width, stem=saved.stem, input_size=saved.input_size,
                          dropout=config.dropout)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:  # weights that do not fit the architecture their config names
+        raise PretrainedError(f"pretrained: {config.pretrained}: its weights do not fit its own config "
+                              f"({saved.arch}): {str(error).splitlines()[0]}; re-export the model") from None
     if checkpoint["num_classes"] != num_classes:
         log.info("pretrained head has %d classes, data has %d: new head", checkpoint["num_classes"], num_classes)
         model.replace_head(num_classes)
