@@ -21,17 +21,23 @@ def reported_trials(experiment: Path) -> int:
     return sum(1 for path in experiment.glob("trial_*/result.json") if path.stat().st_size)
 
 
+def driver_after_two_trials(space: Path, storage: Path, name: str) -> subprocess.Popen:
+    """A search driver in its own process group (with its embedded Ray), once two trials reported."""
+    command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
+               "--name", name, "--max-concurrent", "1", "--no-refit", "--cpus", "1"]
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while reported_trials(storage / name) < 2 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    assert driver.poll() is None, driver.stdout.read().decode()
+    return driver
+
+
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, image_folder, tmp_path):
     space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3})
     storage = tmp_path / "runs"
-    command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
-               "--name", "killed", "--max-concurrent", "1", "--no-refit", "--cpus", "1"]
-    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     experiment = storage / "killed"
-    deadline = time.monotonic() + 240
-    while reported_trials(experiment) < 2 and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.05)
-    assert driver.poll() is None, driver.stdout.read().decode()
+    driver = driver_after_two_trials(space, storage, "killed")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
     driver.wait()
     before = {p.parent.name: p.read_text().count("\n") for p in experiment.glob("trial_*/result.json")}
@@ -90,12 +96,7 @@ def test_exploding_loss_is_diverged_not_a_crash(ray_session, image_folder, tmp_p
 def test_ctrl_c_stops_with_state_saved_and_explains_resume(ray_session, image_folder, tmp_path):
     space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3})
     storage = tmp_path / "runs"
-    command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
-               "--name", "stopped", "--max-concurrent", "1", "--no-refit", "--cpus", "1"]
-    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while reported_trials(storage / "stopped") < 2 and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.05)
+    driver = driver_after_two_trials(space, storage, "stopped")
     driver.send_signal(signal.SIGINT)
     output = driver.communicate(timeout=120)[0].decode()
     assert driver.returncode == 130, output
