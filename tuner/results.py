@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 HISTORY_COLUMNS = ("training_iteration", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                   "epoch_time_s", "train_images_per_sec", "time_total_s", "timestamp")
+                   "epoch_time_s", "train_images_per_sec", "time_total_s", "timestamp", "reported_at")
 STATUSES = ("completed", "early_stopped", "diverged", "errored")
 
 
