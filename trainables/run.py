@@ -21,10 +21,6 @@ from .train import EpochMetrics, Trainer
 METRICS_FILE = "metrics.json"
 
 
-def load_for(config: TrainConfig, cache_dir: Path | None = None) -> ImageData:
-    return load_data(config.dataset, config.data_path, input_size=config.input_size, cache_dir=cache_dir)
-
-
 def run_training(config: TrainConfig, *, out_dir: str | Path, data: ImageData | None = None,
                  refit: bool = False, device: str | None = None,
                  on_epoch: Callable[[EpochMetrics], None] | None = None,
@@ -34,7 +30,7 @@ def run_training(config: TrainConfig, *, out_dir: str | Path, data: ImageData | 
     refit=True: train on train + validation, then evaluate the test split once.
     initial_state: model weights to start from (a refit warm-started from the best trial).
     """
-    data = data or load_for(config)
+    data = data or load_data(config.dataset, config.data_path, input_size=config.input_size)
     splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed,
                          train_subset=config.train_subset, merge_val=refit)
     trainer = Trainer(config, splits, device=device)

@@ -92,12 +92,8 @@ def base_config(spec: SearchSpec) -> dict[str, Any]:
     try:
         check_config(TrainConfig.from_dict(base))
     except (TypeError, ValueError) as error:
-        raise SearchError(f"{options_source(spec)}: fixed: {error}") from None
+        raise SearchError(f"{getattr(spec, '_source', spec.name)}: fixed: {error}") from None
     return base
-
-
-def options_source(spec: SearchSpec) -> str:
-    return getattr(spec, "_source", spec.name)
 
 
 # ---------------------------------------------------------------------------------------------
