@@ -1,16 +1,21 @@
 """Compute to reach a target validation accuracy: ASHA + TPE against random search without early
-stopping, same space, same trial count, same epochs per trial (`spaces/quick.yaml` by default).
+stopping, same space, same trial count, same epochs per trial (`spaces/quick.yaml` by default),
+over several seeds.
 
 Epochs are counted in the order they finished (history.parquet timestamps): the figure is how
-many training epochs each search had spent when one of its trials first reached the target.
+many training epochs each search had spent when one of its trials first reached the target. A
+search that never reaches it counts as not reaching it (never as its whole budget).
 
-    python bench/asha_vs_random.py --data ../shared/datasets/cifar10-jpg.tar.gz --target 0.44
+    python bench/asha_vs_random.py --data ../shared/datasets/cifar10-jpg.tar.gz \
+        --trials 24 --seeds 0 1 2 --targets 0.46 0.48 0.50
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -29,32 +34,60 @@ def epochs_to_target(run_dir: Path, target: float) -> int | None:
     return None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--space", default="spaces/quick.yaml")
-    parser.add_argument("--target", type=float, default=0.44)
-    parser.add_argument("--json")
-    args = parser.parse_args()
-    space = yaml.safe_load(Path(args.space).read_text())
-    work = Path(tempfile.mkdtemp(prefix="bench-asha-"))
-    variants = {
+def variants(space: dict) -> dict[str, dict]:
+    return {
         "asha_tpe": space,
         # random search, and a grace period of max_epochs: ASHA never stops a trial
         "random_no_stopping": {**space, "sampler": {**space["sampler"], "type": "random"},
                                "budget": {**space["budget"], "grace_period": space["budget"]["max_epochs"]}},
     }
-    result = {"target_val_acc": args.target, "space": args.space}
-    for name, spec in variants.items():
-        path = work / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        summary = run(SearchOptions(space=str(path), data=args.data, storage=str(work), name=name, refit=False))
-        result[name] = {"epochs_to_target": epochs_to_target(work / name, args.target),
-                        "epochs_spent": summary["epochs_spent"], "best_val_acc": summary["best_val_acc"]}
-        print(name, result[name], flush=True)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
+    """Per target: median epochs to reach it over seeds (a miss counts as infinitely many)."""
+    rows = []
+    for target in targets:
+        key = f"{target:g}"
+        row = {"target": target}
+        for name in ("asha_tpe", "random_no_stopping"):
+            found = [r[name]["epochs_to_target"][key] for r in runs]
+            row[name] = [x for x in found]
+            row[f"{name}_median"] = statistics.median(math.inf if x is None else x for x in found)
+        a, b = row["asha_tpe_median"], row["random_no_stopping_median"]
+        row["ratio"] = a / b if math.isfinite(a) and math.isfinite(b) else None
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--space", default="spaces/quick.yaml")
+    parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the space's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.44])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    space = yaml.safe_load(Path(args.space).read_text())
+    work = Path(tempfile.mkdtemp(prefix="bench-asha-"))
+    result: dict = {"space": args.space, "trials": args.trials or space["budget"]["num_samples"],
+                    "max_epochs": space["budget"]["max_epochs"], "seeds": args.seeds, "runs": []}
+    for seed in args.seeds:
+        one = {"seed": seed}
+        for name, spec in variants(space).items():
+            path = work / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(spec))
+            summary = run(SearchOptions(space=str(path), data=args.data, storage=str(work), name=f"{name}-{seed}",
+                                        num_samples=args.trials, seed=seed, refit=False))
+            one[name] = {"epochs_to_target": {f"{t:g}": epochs_to_target(work / f"{name}-{seed}", t)
+                                              for t in args.targets},
+                         "epochs_spent": summary["epochs_spent"], "best_val_acc": summary["best_val_acc"]}
+            print(f"seed {seed} {name}: {one[name]}", flush=True)
+        result["runs"].append(one)
+        result["summary"] = summarise(result["runs"], args.targets)
+        if args.json:  # after every seed: a long benchmark keeps what it has measured
+            Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["summary"], indent=2))
 
 
 if __name__ == "__main__":

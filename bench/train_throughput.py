@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the project's model (the hand-written loop stays eager)")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the timed epochs")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     flush_denormals()  # what every entry point of the project does first; both loops share it
@@ -89,16 +91,24 @@ def main() -> None:
     device = torch.device(args.device)
     config = TrainConfig(dataset=args.dataset, data_path=args.data, arch=args.arch, width=args.width,
                          epochs=args.epochs, batch_size=args.batch_size, lr=0.2, label_smoothing=0.1,
-                         weight_decay=5e-4, train_subset=args.images, seed=0)
+                         weight_decay=5e-4, train_subset=args.images, seed=0, compile=args.compile)
     data = load_data(config.dataset, config.data_path, input_size=config.input_size)
     splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed, train_subset=args.images)
     # 1) accuracy: the project's loop as a run uses it, epochs with validation
-    val_acc = Trainer(config, splits, device=device).fit()[-1].val_acc
-    print(f"project loop: val_acc {val_acc:.4f} after {args.epochs} epochs", flush=True)
+    val_acc = None
+    if not args.skip_accuracy:
+        val_acc = Trainer(config, splits, device=device).fit()[-1].val_acc
+        print(f"project loop: val_acc {val_acc:.4f} after {args.epochs} epochs", flush=True)
     # 2) speed: epochs of the two loops alternate (ABBA), so a shared machine's drift hits both alike
     trainer = Trainer(config.replace(epochs=2 * args.rounds * args.epochs), splits, device=device)
     hand_loop = HandWrittenLoop(splits, config, device)
-    project_epoch(trainer), hand_loop.epoch()  # warm-up: allocator, caches, kernels
+    # warm-up: allocator, caches, kernels (and with --compile, the compilation: timed apart)
+    warm = {}
+    for name, step in (("project", lambda: project_epoch(trainer)), ("hand", hand_loop.epoch)):
+        start = time.perf_counter()
+        step()
+        warm[name] = time.perf_counter() - start
+    print(f"warm-up epoch: project {warm['project']:.1f} s, hand-written {warm['hand']:.1f} s", flush=True)
     project, hand = [], []
     for index in range(args.rounds * args.epochs):
         for which in ("project", "hand") if index % 2 == 0 else ("hand", "project"):
@@ -111,7 +121,8 @@ def main() -> None:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "arch": args.arch, "images": len(splits.train_labels),
-        "epochs": args.epochs, "batch_size": args.batch_size, "torch": torch.__version__,
+        "epochs": args.epochs, "batch_size": args.batch_size, "torch": torch.__version__, "compile": args.compile,
+        "warmup_epoch_s": {k: round(v, 2) for k, v in warm.items()},
         "project_images_per_sec": statistics.median(project),
         "hand_written_images_per_sec": statistics.median(hand),
         "ratio": statistics.median(project) / statistics.median(hand),

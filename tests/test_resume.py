@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from test_search import run_tables, search, write_space
+from tuner._ray import CheckpointPacer
 
 
 def reported_trials(experiment: Path) -> int:
@@ -105,3 +106,18 @@ def test_ctrl_c_stops_with_state_saved_and_explains_resume(ray_session, image_fo
                           "--max-concurrent", "1", "--no-refit", "--resume")
     assert code == 0, output
     assert len(pq.read_table(storage / "stopped" / "trials.parquet")) == 6
+
+
+def test_checkpoint_pacer_saves_every_epoch_while_cheap_and_the_last_always():
+    now = [0.0]
+    pacer = CheckpointPacer(share=0.05, clock=lambda: now[0])
+    saved = []
+    for epoch in range(1, 11):  # 1-second epochs
+        now[0] += 1.0
+        if pacer.due(final=epoch == 10):
+            start = now[0]
+            now[0] += 0.01 if epoch < 5 else 0.12  # saving becomes slow from epoch 5 (a bigger state)
+            pacer.saved(start)
+            saved.append(epoch)
+    # cheap (1% of an epoch): every epoch; slow (12%): once per 0.12 / 0.05 = 2.4 s, and the last
+    assert saved == [1, 2, 3, 4, 5, 8, 10]

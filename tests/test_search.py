@@ -14,7 +14,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from trainables.models import count_macs, create_model
 from tuner.cli import main
+from tuner.search import SearchOptions, largest_model_macs, load_spec, trials_per_gpu
 
 from conftest import DECLARED_GPUS
 
@@ -83,6 +85,14 @@ def test_search_writes_tables_that_agree_with_the_summary(finished_search):
         assert (trial["status"] == "completed") == (trial["epochs"] == 3)
         assert trial["best_val_acc"] == pytest.approx(max(h["val_acc"] for h in rows))
         assert {"config/lr", "config/batch_size"} <= set(trial)
+        # overheads: setup before the first step, and the gap after each epoch but the last
+        assert 0 <= trial["setup_s"] < trial["ended_at"] - trial["started_at"] + 60
+        assert rows[0]["between_epochs_s"] is None
+        assert all(0 <= h["between_epochs_s"] < 60 for h in rows[1:])
+    assert summary["search_started_at"] <= min(t["started_at"] for t in trials)
+    # one trial at a time, reuse_actors: every trial ran in the same process (one torch import,
+    # one data-cache load), not one process per trial
+    assert len({t["pid"] for t in trials}) == 1
 
 
 def test_search_prints_progress_and_refits(finished_search):
@@ -94,6 +104,7 @@ def test_search_prints_progress_and_refits(finished_search):
     assert metrics["test"]["images"] == 18  # 3 classes x 6 test images, evaluated once
     assert metrics["train_images"] == 72  # train + validation: the refit holds nothing out
     assert (best / "weights.safetensors").exists() and (best / "config.json").exists()
+    assert metrics["wall_time_s"] >= metrics["train_time_s"] > 0
 
 
 def test_same_seed_samples_the_same_configurations(finished_search):
@@ -135,6 +146,37 @@ def test_gpus_flag_caps_concurrency(ray_session, image_folder, tmp_path):
                           "--num-samples", "2", "--max-epochs", "1", "--no-refit")
     assert code == 0, output
     assert "2 at a time" in output
+
+
+def test_auto_gpus_shares_a_gpu_among_small_models(ray_session, image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, trial={"cpus": 0.5, "gpus": "auto"},
+                        budget={"num_samples": 4, "max_epochs": 1, "grace_period": 1})
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "auto",
+                          "--no-refit")
+    assert code == 0, output
+    assert "trial.gpus auto: 0.25 GPU per trial" in output  # a ResNet-8 of width 4: 4 to a GPU
+    assert "0.25 GPU each" in output
+    trials, _, _ = run_tables(tmp_path / "runs" / "auto")
+    assert all(t["gpu_ids"] in {str(i) for i in range(DECLARED_GPUS)} for t in trials)
+
+
+@pytest.mark.parametrize("macs, trials", [(None, 1), (41e6, 4), (126e6, 4), (200e6, 2), (556e6, 1), (2e9, 1)])
+def test_trials_per_gpu_follows_the_model_size(macs, trials):
+    assert trials_per_gpu(macs) == trials
+
+
+def test_largest_model_macs_covers_every_choice(image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, params={
+        "arch": {"choice": ["cifar_resnet", "resnet18"]},
+        "depth": {"choice": [8, 14], "when": {"arch": "cifar_resnet"}}})
+    values = yaml.safe_load(space.read_text())
+    del values["fixed"]["depth"], values["fixed"]["width"]  # depth sampled now, for cifar_resnet only
+    space.write_text(yaml.safe_dump(values))
+    spec = load_spec(SearchOptions(space=str(space)))
+    resnet18 = count_macs(create_model("resnet18", num_classes=10, input_size=16).eval(), 16)
+    assert largest_model_macs(spec) == resnet18  # the depth choices do not apply to it: skipped
+    ranged = write_space(tmp_path, image_folder, params={"width": {"int": [4, 64]}})
+    assert largest_model_macs(load_spec(SearchOptions(space=str(ranged)))) is None  # unknown: 1 GPU each
 
 
 def test_more_gpus_than_the_cluster_has_fails_fast(ray_session, image_folder, tmp_path):

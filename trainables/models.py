@@ -143,3 +143,12 @@ def create_model(name: str, *, num_classes: int, depth: int | None = None, width
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, size: int) -> int:
+    """Multiply-accumulates of one (3, size, size) image: convolutions and the classifier."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ def run_training(config: TrainConfig, *, out_dir: str | Path, data: ImageData | 
     refit=True: train on train + validation, then evaluate the test split once.
     initial_state: model weights to start from (a refit warm-started from the best trial).
     """
+    start = time.perf_counter()
     data = data or load_data(config.dataset, config.data_path, input_size=config.input_size)
     splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed,
                          train_subset=config.train_subset, merge_val=refit)
@@ -48,6 +50,8 @@ def run_training(config: TrainConfig, *, out_dir: str | Path, data: ImageData | 
     if refit:
         summary["test"] = evaluate_test(trainer, data)
         summary["test_acc"] = summary["test"]["accuracy"]
+    # from the call to the test accuracy: data (cache), model build, training, checkpoint, test
+    summary["wall_time_s"] = time.perf_counter() - start
     (out_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -63,6 +67,7 @@ def _summary(trainer: Trainer, refit: bool) -> dict[str, Any]:
         "train_images": len(trainer.splits.train_labels),
         # median over epochs: robust to the first epoch's warm-up (allocator, caches, compile)
         "train_images_per_sec": statistics.median(speeds) if speeds else None,
+        "train_time_s": sum(h["epoch_time_s"] for h in trainer.history),  # epochs, validation included
         "parameters": count_parameters(trainer.model),
         "device": str(trainer.device),
         "history": trainer.history,

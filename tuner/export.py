@@ -20,7 +20,7 @@ from torch import nn
 
 from trainables.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from trainables.config import TrainConfig
-from trainables.models import ResNet, count_parameters, create_model
+from trainables.models import ResNet, count_macs, count_parameters, create_model
 from trainables.run import METRICS_FILE
 
 FORMATS = ("torchscript", "onnx", "safetensors", "pt2")  # pt2: torch.export, TorchScript's successor
@@ -184,15 +184,6 @@ def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_
     (model_dir / LABELS_FILE).write_text("".join(f"{name}\n" for name in meta["classes"]))
     (model_dir / CARD_FILE).write_text(model_card(meta, metrics))
     return written
-
-
-def count_macs(model: nn.Module, size: int) -> int:
-    """Multiply-accumulates of one (3, size, size) image: convolutions and the classifier."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, size, size))
-    return counter.get_total_flops() // 2  # FlopCounterMode counts a multiply-add as 2 FLOPs
 
 
 def layer_depth(model: ResNet) -> int:

@@ -13,7 +13,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 HISTORY_COLUMNS = ("training_iteration", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                   "epoch_time_s", "train_images_per_sec", "time_total_s", "timestamp", "reported_at")
+                   "epoch_time_s", "train_images_per_sec", "time_total_s", "timestamp", "reported_at",
+                   "between_epochs_s")
 STATUSES = ("completed", "early_stopped", "diverged", "errored")
 
 
@@ -53,6 +54,7 @@ def collect(records: list, *, metric: str, mode: str, max_epochs: int, num_sampl
             "node_ip": last.get("node_ip"), "node_id": last.get("node_id"), "gpu_ids": last.get("gpu_ids"),
             "cuda_visible_devices": last.get("cuda_visible_devices"),
             "started_at": record.history[0].get("started_at") if record.history else None,
+            "pid": last.get("pid"), "setup_s": record.history[0].get("setup_s") if record.history else None,
             "ended_at": _ended_at(record.history[-1]) if record.history else None,
             "error": record.error, "path": record.path, "checkpoint": record.checkpoint_path,
             **{f"config/{k}": v for k, v in record.params.items()},

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,8 @@ from search_spaces import SearchSpec, build_sampler, load_space
 from trainables.config import (AUGMENTS, FREEZE_STRATEGIES, OPTIMIZERS, SCHEDULES, STEMS, TrainConfig,
                                check_config, field_names)
 from trainables.data import load_data
-from trainables.models import list_models
+from trainables.finetune import PretrainedError, model_config_of
+from trainables.models import count_macs, create_model, list_models
 
 from . import _ray, results
 from .progress import Progress
@@ -116,9 +119,13 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
         starting = "" if cluster.embedded else " now (workers still starting? see `ray status`)"
         raise SearchError(f"--gpus: {options.gpus} asked, but the cluster has {cluster.gpus:g}{starting}; "
                           f"pass --gpus {cluster.gpus:g} or fewer")
-    gpus = spec.trial.gpus
+    gpus, notice = spec.trial.gpus, None
+    if gpus == "auto" and total_gpus and cluster.gpus:
+        macs = largest_model_macs(spec)
+        gpus = 1.0 / trials_per_gpu(macs)
+        notice = (f"trial.gpus auto: {gpus:g} GPU per trial (largest model in the space: "
+                  f"{macs / 1e6:.0f}M MACs per image)" if macs else None)
     gpus = (1.0 if total_gpus else 0.0) if gpus == "auto" else float(gpus)
-    notice = None
     if gpus and not cluster.gpus:
         notice, gpus = "no GPU found: trials run on the CPU", 0.0
     elif gpus and not total_gpus:  # --gpus 0 on a machine with GPUs
@@ -138,6 +145,49 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
     if options.max_concurrent:
         concurrent = min(concurrent, options.max_concurrent)
     return Resources(cpus, gpus, concurrent, notice)
+
+
+# Trials that share one GPU, by the largest model's multiply-accumulates per image: a small
+# ResNet leaves most of a big GPU idle (launch-bound), so several trials together train more
+# images per second than one; a ResNet-18 fills it alone. From bench/gpu_sharing.py (bench/README.md).
+SHARE_BELOW_MACS = ((150e6, 4), (300e6, 2))
+
+
+def trials_per_gpu(macs: int | None) -> int:
+    for limit, trials in SHARE_BELOW_MACS:
+        if macs is not None and macs <= limit:
+            return trials
+    return 1
+
+
+def largest_model_macs(spec: SearchSpec) -> int | None:
+    """MACs per image of the largest model the space can sample (conditions ignored, so an upper
+    bound; a pretrained start's own architecture); None when a model parameter is a range rather
+    than a list of choices, or the pretrained model cannot be read."""
+    base = TrainConfig.from_dict(base_config(spec))
+    options: dict[str, list[Any]] = {}
+    for key in ("arch", "depth", "width", "stem"):
+        param = spec.params.get(key)
+        if param is None:
+            options[key] = [getattr(base, key)]
+        elif param.kind in ("choice", "value"):
+            values = list(param.choice) if param.kind == "choice" else [param.value]
+            options[key] = values + ([getattr(base, key)] if param.when else [])  # absent sometimes
+        else:
+            return None
+    largest = None
+    for values in itertools.product(*options.values()):
+        try:
+            config = model_config_of(base.replace(**dict(zip(options, values))))
+            model = create_model(config.arch, num_classes=10, depth=config.depth, width=config.width,
+                                 stem=config.stem, input_size=config.input_size).eval()
+        except PretrainedError:
+            return None
+        except (ValueError, TypeError):  # a combination the conditions exclude (depth of a resnet18)
+            continue
+        macs = count_macs(model, config.input_size)
+        largest = macs if largest is None else max(largest, macs)
+    return largest
 
 
 def _times(have: float, need: float) -> int:
@@ -197,9 +247,11 @@ def run(options: SearchOptions) -> dict[str, Any]:
     _save_space(spec, run_dir, base, plan)  # first: `tune-resnet status` reads the budget from it
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs)
     callbacks = [_ray.ProgressCallback(progress), _ray.PruneCheckpoints(plan.metric, plan.mode)]
+    search_started_at = time.time()
     grid = _ray.run_search(plan, callbacks=callbacks, resume=resume)
     found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode,
                             max_epochs=plan.max_epochs, num_samples=plan.num_samples)
+    found.summary["search_started_at"] = search_started_at  # for bench/trial_overhead.py
     results.write(found, run_dir)
     if _ray.interrupted(grid, plan):
         raise Interrupted(f"interrupted with {found.summary['trials']} of {plan.num_samples} trials started; "
