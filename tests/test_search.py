@@ -216,3 +216,34 @@ def test_bad_input_is_one_line_and_exit_code_2(image_folder, tmp_path, edit, mes
 def test_missing_space_file_is_one_line(tmp_path):
     code, output = search("--space", str(tmp_path / "nope.yaml"))
     assert code == 2 and len(output.strip().splitlines()) == 1 and "nope.yaml" in output
+
+
+# --- the benchmarks read the search's own tables: keep them working -------------------------
+
+def _bench(name: str):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_trial_overhead_bench_reads_the_search_tables(finished_search):
+    folder, _, _ = finished_search
+    found = _bench("trial_overhead").overheads(folder / "runs" / "first")
+    assert found["trials"] == 6 and found["concurrent"] == 1 and found["processes"] == 1
+    assert found["fresh_process"]["trials"] == 1 and found["reused_process"]["trials"] == 5
+    # the first trial waits for its process (start, imports); the others find it ready
+    assert found["reused_process"]["start_gap_s"] < found["fresh_process"]["start_gap_s"]
+    assert found["between_epochs_s"] is not None and found["between_epochs_s"] >= 0
+
+
+def test_asha_bench_medians_count_a_miss_as_never():
+    runs = [{"asha_tpe": {"epochs_to_target": {"0.5": a}}, "random_no_stopping": {"epochs_to_target": {"0.5": r}}}
+            for a, r in ((10, 30), (None, 20), (12, None))]
+    row = _bench("asha_vs_random").summarise(runs, [0.5])[0]
+    assert row["asha_tpe_median"] == 12 and row["random_no_stopping_median"] == 30
+    assert row["ratio"] == pytest.approx(0.4)
