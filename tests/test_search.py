@@ -154,7 +154,7 @@ def test_auto_gpus_shares_a_gpu_among_small_models(ray_session, image_folder, tm
     code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "auto",
                           "--no-refit")
     assert code == 0, output
-    assert "trial.gpus auto: 0.25 GPU per trial" in output  # a ResNet-8 of width 4: 4 to a GPU
+    assert "trial.gpus auto: 0.25 GPU per trial (largest model in the space: 0.2M MACs" in output  # a ResNet-8 of width 4: 4 to a GPU
     assert "0.25 GPU each" in output
     trials, _, _ = run_tables(tmp_path / "runs" / "auto")
     assert all(t["gpu_ids"] in {str(i) for i in range(DECLARED_GPUS)} for t in trials)
@@ -194,6 +194,10 @@ def test_dry_run_prints_the_space_and_starts_nothing(image_folder, tmp_path):
     assert code == 0, output
     assert "lr" in output and "loguniform" in output and "trials: 11" in output
     assert not (tmp_path / "runs").exists()
+    space = write_space(tmp_path, image_folder, trial={"gpus": "auto"})
+    code, output = search("--space", str(space), "--dry-run")
+    assert code == 0, output
+    assert "auto (where there are GPUs: 0.25; largest model 0.2M MACs per image) GPU" in output
 
 
 @pytest.mark.parametrize("edit, message", [

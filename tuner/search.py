@@ -124,7 +124,7 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
         macs = largest_model_macs(spec)
         gpus = 1.0 / trials_per_gpu(macs)
         notice = (f"trial.gpus auto: {gpus:g} GPU per trial (largest model in the space: "
-                  f"{macs / 1e6:.0f}M MACs per image)" if macs else None)
+                  f"{macs / 1e6:,.1f}M MACs per image)" if macs else None)
     gpus = (1.0 if total_gpus else 0.0) if gpus == "auto" else float(gpus)
     if gpus and not cluster.gpus:
         notice, gpus = "no GPU found: trials run on the CPU", 0.0
@@ -217,7 +217,12 @@ def dry_run(spec: SearchSpec, options: SearchOptions) -> None:
         click.echo(line)
     click.echo(f"trials: {spec.budget.num_samples}, up to {spec.budget.max_epochs} epochs each "
                f"(ASHA grace {spec.budget.grace_period}, reduction {spec.budget.reduction_factor:g})")
-    click.echo(f"resources per trial: {spec.trial.cpus:g} CPU, {spec.trial.gpus} GPU; "
+    gpus = spec.trial.gpus
+    if gpus == "auto":
+        macs = largest_model_macs(spec)
+        gpus = (f"auto (where there are GPUs: {1 / trials_per_gpu(macs):g}; largest model "
+                f"{macs / 1e6:,.1f}M MACs per image)" if macs else "auto (where there are GPUs: 1)")
+    click.echo(f"resources per trial: {spec.trial.cpus:g} CPU, {gpus} GPU; "
                f"total GPUs: {'all that Ray sees' if options.gpus is None else options.gpus}")
     click.echo(f"run folder: {storage_root(options.storage)}/{options.name or spec.name}")
 
