@@ -154,7 +154,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None
     where = {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
              "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "pid": os.getpid(),
-             "entered_at": entered, "started_at": time.time()}
+             "started_at": time.time()}
     where["setup_s"] = where["started_at"] - entered
     _barrier_hook()
     _fault_hook(trainer.epoch)
@@ -163,7 +163,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None
         for metrics in trainer.epochs():
             epoch_end = time.time()
             between = None if last_epoch_end is None else epoch_end - metrics.epoch_time_s - last_epoch_end
-            row = {**metrics.to_dict(), **where, "reported_at": time.time(), "between_epochs_s": between,
+            row = {**metrics.to_dict(), **where, "reported_at": epoch_end, "between_epochs_s": between,
                    METRIC_DIVERGED: 0}
             if pacer.due(final=trainer.epoch >= config.epochs):
                 started = pacer.clock()

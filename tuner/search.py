@@ -121,10 +121,8 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
                           f"pass --gpus {cluster.gpus:g} or fewer")
     gpus, notice = spec.trial.gpus, None
     if gpus == "auto" and total_gpus and cluster.gpus:
-        macs = largest_model_macs(spec)
-        gpus = 1.0 / trials_per_gpu(macs)
-        notice = (f"trial.gpus auto: {gpus:g} GPU per trial (largest model in the space: "
-                  f"{macs / 1e6:,.1f}M MACs per image)" if macs else None)
+        gpus, size = auto_gpus(spec)
+        notice = f"trial.gpus auto: {gpus:g} GPU per trial (largest model in the space: {size})" if size else None
     gpus = (1.0 if total_gpus else 0.0) if gpus == "auto" else float(gpus)
     if gpus and not cluster.gpus:
         notice, gpus = "no GPU found: trials run on the CPU", 0.0
@@ -158,6 +156,13 @@ def trials_per_gpu(macs: int | None) -> int:
         if macs is not None and macs <= limit:
             return trials
     return 1
+
+
+def auto_gpus(spec: SearchSpec) -> tuple[float, str | None]:
+    """trial.gpus: auto where there are GPUs: the GPU share per trial, and the size it follows
+    ('40.8M MACs per image'; None when unknown, and then a GPU each)."""
+    macs = largest_model_macs(spec)
+    return 1.0 / trials_per_gpu(macs), (f"{macs / 1e6:,.1f}M MACs per image" if macs else None)
 
 
 def largest_model_macs(spec: SearchSpec) -> int | None:
@@ -219,9 +224,8 @@ def dry_run(spec: SearchSpec, options: SearchOptions) -> None:
                f"(ASHA grace {spec.budget.grace_period}, reduction {spec.budget.reduction_factor:g})")
     gpus = spec.trial.gpus
     if gpus == "auto":
-        macs = largest_model_macs(spec)
-        gpus = (f"auto (where there are GPUs: {1 / trials_per_gpu(macs):g}; largest model "
-                f"{macs / 1e6:,.1f}M MACs per image)" if macs else "auto (where there are GPUs: 1)")
+        share, size = auto_gpus(spec)
+        gpus = f"auto (where there are GPUs: {share:g}" + (f"; largest model {size})" if size else ")")
     click.echo(f"resources per trial: {spec.trial.cpus:g} CPU, {gpus} GPU; "
                f"total GPUs: {'all that Ray sees' if options.gpus is None else options.gpus}")
     click.echo(f"run folder: {storage_root(options.storage)}/{options.name or spec.name}")
