@@ -251,3 +251,63 @@ def test_asha_bench_medians_count_a_miss_as_never():
     row = _bench("asha_vs_random").summarise(runs, [0.5])[0]
     assert row["asha_tpe_median"] == 12 and row["random_no_stopping_median"] == 30
     assert row["ratio"] == pytest.approx(0.4)
+
+
+def test_asha_replay_makes_ray_tunes_decisions():
+    """The replay's stopping rule is Ray Tune's: same curves, same order, same epochs trained."""
+    import random
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    replay = _bench("asha_replay")
+    rng = random.Random(0)
+    curves = {f"t{i}": sorted(rng.random() for _ in range(9)) for i in range(30)}
+    secs = {t: [1.0] * 9 for t in curves}
+    order = sorted(curves)
+    ours = replay.replay(order, curves, secs, rungs=[1, 3, 9], rf=3, workers=1)
+    bracket, theirs = _Bracket(min_t=1, max_t=9, reduction_factor=3, s=0), []
+    for trial in order:
+        for epoch, value in enumerate(curves[trial], start=1):
+            theirs.append(value)
+            if bracket.on_result(SimpleNamespace(trial_id=trial), epoch, value) == "STOP":
+                break
+    assert [v for v, _ in ours] == theirs
+    assert len(ours) < 0.5 * 30 * 9  # it did stop trials
+    assert len(replay.replay(order, curves, secs, rungs=[], rf=3, workers=2)) == 30 * 9
+    # fidelity: a curve order kept to the end is 1, reversed is -1
+    assert replay.rung_fidelity({"a": [0.1, 0.3], "b": [0.2, 0.4], "c": [0.3, 0.5]}) == pytest.approx([1.0, 1.0])
+    assert replay.rung_fidelity({"a": [0.3, 0.3], "b": [0.2, 0.4], "c": [0.1, 0.5]})[0] == pytest.approx(-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cyclic schedule follows ASHA's rungs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("fixed", "expected"), [
+    ({}, (2, 4.0)),                                             # from the budget: grace 2, reduction 4
+    ({"cycle_epochs": 1}, (1, 4.0)),                            # the space's own value wins
+    ({"cycle_epochs": 3, "cycle_factor": 2.0}, (3, 2.0)),
+])
+def test_cycles_end_at_the_asha_rungs_unless_the_space_sets_them(image_folder, tmp_path, fixed, expected):
+    from trainables.train import cycle_ends
+    from tuner.refit import refit_config
+    from tuner.search import base_config
+
+    path = write_space(tmp_path, image_folder, budget={"max_epochs": 8, "grace_period": 2, "reduction_factor": 4},
+                       fixed={"schedule": "cyclic", **fixed})
+    base = base_config(load_spec(SearchOptions(space=str(path))))
+    assert (base["cycle_epochs"], base["cycle_factor"]) == expected
+    if not fixed:
+        assert cycle_ends(base["epochs"], base["cycle_epochs"], base["cycle_factor"]) == [2, 8]  # rungs 2 and 8
+    # the refit has no rungs: one cycle over all its epochs
+    config = refit_config(base, {"lr": 0.1, "batch_size": 8}, epochs=5)
+    assert config.schedule == "onecycle" and config.epochs == 5
+    assert refit_config({**base, "schedule": "cosine"}, {}, epochs=5).schedule == "cosine"
+
+
+def test_a_bad_cycle_setting_is_one_line(image_folder, tmp_path):
+    path = write_space(tmp_path, image_folder, fixed={"schedule": "cyclic", "cycle_factor": 1.0})
+    code, output = search("--space", str(path), "--dry-run")
+    assert code == 2 and "cycle_factor: expected a number > 1" in output and "Traceback" not in output
+    assert len(output.strip().splitlines()) == 1

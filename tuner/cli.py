@@ -12,7 +12,7 @@ import click
 import yaml
 
 from search_spaces import SpaceError
-from trainables.config import TrainConfig, check_config
+from trainables.config import SCHEDULES, TrainConfig, check_config
 from trainables.data import DataError, load_data, make_splits
 from trainables.finetune import PretrainedError
 
@@ -119,7 +119,7 @@ TRAIN_FLAGS = ("dataset", "data_path", "arch", "depth", "width", "epochs", "batc
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=float, help="Peak learning rate.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]))
-@click.option("--schedule", type=click.Choice(["cosine", "onecycle", "step", "constant"]))
+@click.option("--schedule", type=click.Choice(SCHEDULES))
 @click.option("--weight-decay", type=float)
 @click.option("--label-smoothing", type=float)
 @click.option("--train-subset", type=click.IntRange(min=1))
