@@ -15,6 +15,10 @@ Output, from those curves alone (no training):
    in both, so this measures what early stopping alone buys, not TPE.
 
     python bench/asha_replay.py RUN_DIR --rungs 1,3 2 2,4 --targets 0.5 0.55 --orders 500
+
+`--baseline OTHER_RUN` replays ASHA over RUN_DIR's curves and the no-stopping search over
+OTHER_RUN's, pairing trials by configuration (both random searches with the same seed): for
+instance ASHA on the `cyclic` schedule against random search on `onecycle`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,24 @@ def load_curves(run_dir: Path) -> tuple[dict[str, list[float]], dict[str, list[f
     full = {t: v for t, v in acc.items() if sorted(v) == list(range(1, longest + 1))}
     return ({t: [v[e] for e in range(1, longest + 1)] for t, v in full.items()},
             {t: [secs[t][e] for e in range(1, longest + 1)] for t in full})
+
+
+def config_keys(run_dir: Path) -> dict[str, str]:
+    """trial_id -> its sampled configuration as text, to pair the trials of two runs."""
+    table = pq.read_table(Path(run_dir) / "trials.parquet")
+    names = sorted(n for n in table.column_names if n.startswith("config/"))
+    return {row["trial_id"]: json.dumps({n: row[n] for n in names}, sort_keys=True) for row in table.to_pylist()}
+
+
+def paired(run_dir: Path, baseline_dir: Path):
+    """Curves of both runs restricted to the configurations they share, keyed by configuration."""
+    out = []
+    for folder in (run_dir, baseline_dir):
+        curves, secs = load_curves(folder)
+        keys = config_keys(folder)
+        out.append(({keys[t]: c for t, c in curves.items()}, {keys[t]: s for t, s in secs.items()}))
+    shared = sorted(set(out[0][0]) & set(out[1][0]))
+    return [({k: c[k] for k in shared}, {k: s[k] for k in shared}) for c, s in out]
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -102,8 +124,10 @@ def epochs_to(finished: list[tuple[float, float]], target: float) -> int | None:
 
 
 def compare(curves, secs, *, rungs: list[int], rf: float, workers: int, targets: list[float],
-            orders: int, seed: int = 0) -> dict:
-    """Median over random trial orders of epochs to each target, ASHA against no stopping."""
+            orders: int, seed: int = 0, baseline=None) -> dict:
+    """Median over random trial orders of epochs to each target, ASHA against no stopping (over
+    `baseline`'s (curves, secs) of the same configurations when given: another schedule, say)."""
+    base_curves, base_secs = baseline or (curves, secs)
     rng = random.Random(seed)
     ids = sorted(curves)
     per_target = {t: {"asha": [], "none": [], "ratio": []} for t in targets}
@@ -112,7 +136,7 @@ def compare(curves, secs, *, rungs: list[int], rf: float, workers: int, targets:
         order = ids[:]
         rng.shuffle(order)
         asha = replay(order, curves, secs, rungs=rungs, rf=rf, workers=workers)
-        none = replay(order, curves, secs, rungs=[], rf=rf, workers=workers)
+        none = replay(order, base_curves, base_secs, rungs=[], rf=rf, workers=workers)
         spent.append(len(asha) / len(none))
         for t in targets:
             a, b = epochs_to(asha, t), epochs_to(none, t)
@@ -138,19 +162,26 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="trials at once")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5])
     parser.add_argument("--orders", type=int, default=500)
+    parser.add_argument("--baseline", type=Path, help="no-stopping run of the same configurations (same sampler "
+                        "and seed) to compare against, e.g. another schedule; default: the run itself")
     parser.add_argument("--json")
     args = parser.parse_args()
     result = []
     for run_dir in args.runs:
         curves, secs = load_curves(run_dir)
-        one = {"run": str(run_dir), "trials": len(curves),
+        baseline = None
+        if args.baseline:
+            (curves, secs), baseline = paired(run_dir, args.baseline)
+            print(f"{run_dir} against {args.baseline}: {len(curves)} configurations in both; final val_acc "
+                  f"Spearman {spearman([c[-1] for c in curves.values()], [baseline[0][k][-1] for k in curves]):.3f}")
+        one = {"run": str(run_dir), "trials": len(curves), "baseline": str(args.baseline or run_dir),
                "fidelity": [round(x, 3) for x in rung_fidelity(curves)],
                "best_final": max(c[-1] for c in curves.values()), "variants": []}
         print(f"{run_dir}: {len(curves)} trials; Spearman(val_acc at epoch e, final) = {one['fidelity']}")
         for spec in args.rungs:
             rungs = [int(x) for x in spec.split(",")]
             res = compare(curves, secs, rungs=rungs, rf=args.reduction_factor, workers=args.workers,
-                          targets=args.targets, orders=args.orders)
+                          targets=args.targets, orders=args.orders, baseline=baseline)
             one["variants"].append(res)
             line = ", ".join(f"{t}: {d['asha_median']} vs {d['none_median']} "
                              f"(ratio {d['median_ratio']:.2f}, reached {d['asha_reached']:.0%})"

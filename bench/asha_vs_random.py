@@ -66,8 +66,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the space's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.44])
+    parser.add_argument("--variants", nargs="+", choices=["asha_tpe", "random_no_stopping"],
+                        default=["asha_tpe", "random_no_stopping"], help="searches to run")
+    parser.add_argument("--reuse", help="JSON of an earlier run (same seeds and targets) to take the "
+                        "variants not run from: random search does not depend on ASHA's settings")
     parser.add_argument("--json")
     args = parser.parse_args()
+    earlier = {r["seed"]: r for r in json.loads(Path(args.reuse).read_text())["runs"]} if args.reuse else {}
     space = yaml.safe_load(Path(args.space).read_text())
     work = Path(tempfile.mkdtemp(prefix="bench-asha-"))
     result: dict = {"space": args.space, "trials": args.trials or space["budget"]["num_samples"],
@@ -75,6 +80,14 @@ def main() -> None:
     for seed in args.seeds:
         one = {"seed": seed}
         for name, spec in variants(space).items():
+            if name not in args.variants:
+                if seed not in earlier or name not in earlier[seed]:
+                    parser.error(f"--reuse has no {name} result for seed {seed}")
+                missing = {f"{t:g}" for t in args.targets} - set(earlier[seed][name]["epochs_to_target"])
+                if missing:
+                    parser.error(f"--reuse has no {name} result for targets {sorted(missing)}")
+                one[name] = earlier[seed][name]
+                continue
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump(spec))
             summary = run(SearchOptions(space=str(path), data=args.data, storage=str(work), name=f"{name}-{seed}",

@@ -280,34 +280,14 @@ def test_asha_replay_makes_ray_tunes_decisions():
     assert replay.rung_fidelity({"a": [0.3, 0.3], "b": [0.2, 0.4], "c": [0.1, 0.5]})[0] == pytest.approx(-1.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# The cyclic schedule follows ASHA's rungs
-# ---------------------------------------------------------------------------------------------
+def test_asha_replay_pairs_two_runs_by_configuration(finished_search):
+    folder, _, _ = finished_search
+    run_dir = folder / "runs" / "first"
+    replay = _bench("asha_replay")
+    curves, _ = replay.load_curves(run_dir)  # the trials that ran every epoch
+    trials = pq.read_table(run_dir / "trials.parquet").to_pylist()
+    assert 0 < len(curves) == sum(t["epochs"] == 3 for t in trials)
+    (mine, _), (theirs, _) = replay.paired(run_dir, run_dir)
+    assert len(mine) == len(curves) and mine == theirs
+    assert all(key.startswith('{"config/batch_size"') for key in mine)
 
-@pytest.mark.parametrize(("fixed", "expected"), [
-    ({}, (2, 4.0)),                                             # from the budget: grace 2, reduction 4
-    ({"cycle_epochs": 1}, (1, 4.0)),                            # the space's own value wins
-    ({"cycle_epochs": 3, "cycle_factor": 2.0}, (3, 2.0)),
-])
-def test_cycles_end_at_the_asha_rungs_unless_the_space_sets_them(image_folder, tmp_path, fixed, expected):
-    from trainables.train import cycle_ends
-    from tuner.refit import refit_config
-    from tuner.search import base_config
-
-    path = write_space(tmp_path, image_folder, budget={"max_epochs": 8, "grace_period": 2, "reduction_factor": 4},
-                       fixed={"schedule": "cyclic", **fixed})
-    base = base_config(load_spec(SearchOptions(space=str(path))))
-    assert (base["cycle_epochs"], base["cycle_factor"]) == expected
-    if not fixed:
-        assert cycle_ends(base["epochs"], base["cycle_epochs"], base["cycle_factor"]) == [2, 8]  # rungs 2 and 8
-    # the refit has no rungs: one cycle over all its epochs
-    config = refit_config(base, {"lr": 0.1, "batch_size": 8}, epochs=5)
-    assert config.schedule == "onecycle" and config.epochs == 5
-    assert refit_config({**base, "schedule": "cosine"}, {}, epochs=5).schedule == "cosine"
-
-
-def test_a_bad_cycle_setting_is_one_line(image_folder, tmp_path):
-    path = write_space(tmp_path, image_folder, fixed={"schedule": "cyclic", "cycle_factor": 1.0})
-    code, output = search("--space", str(path), "--dry-run")
-    assert code == 2 and "cycle_factor: expected a number > 1" in output and "Traceback" not in output
-    assert len(output.strip().splitlines()) == 1

@@ -10,7 +10,7 @@ import torch
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig, check_config, field_names
 from trainables.data import Splits
-from trainables.train import EpochMetrics, NonFiniteLossError, Trainer, cycle_ends, lr_multiplier
+from trainables.train import EpochMetrics, NonFiniteLossError, Trainer, lr_multiplier
 
 TIMING = ("epoch_time_s", "train_images_per_sec")  # the only fields allowed to differ between runs
 
@@ -216,47 +216,13 @@ def test_linear_warmup(schedule: str) -> None:
     assert curve[10:] == pytest.approx(_curve(schedule, 90))  # then the schedule over the remaining steps
 
 
-@pytest.mark.parametrize(("epochs", "first", "factor", "ends"), [
-    (9, 1, 3, [1, 3, 9]), (4, 1, 3, [1, 3, 4]), (8, 2, 4, [2, 8]), (10, 1, 2.5, [1, 3, 7, 10]), (4, 4, 3, [4]),
-    (1, 1, 3, [1]),
-])
-def test_cycle_ends_are_the_asha_rungs(epochs: int, first: int, factor: float, ends: list[int]) -> None:
-    """Ray stops at the first epoch >= each rung first * factor**k below max_t: the same epochs."""
-    assert cycle_ends(epochs, first, factor) == ends
-
-
-def test_cyclic_anneals_to_zero_at_every_cycle_end_then_restarts() -> None:
-    ends = [10, 30, 90]  # steps: rungs at epochs 1 and 3 of 9, ten steps an epoch
-    curve = [lr_multiplier(step, total_steps=90, warmup_steps=0, schedule="cyclic", cycle_end_steps=ends)
-             for step in range(91)]
-    for start, end in zip([0, 10, 30], ends):
-        cycle = curve[start:end]
-        assert cycle == pytest.approx(_curve("onecycle", end - start)[:end - start])  # a one-cycle per segment
-        assert max(cycle) == pytest.approx(1.0) and cycle[-1] <= 1 / (0.75 * (end - start)) + 1e-9
-    assert curve[90] == 0.0
-
-
-@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant", "cyclic"])
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "step", "constant"])
 @pytest.mark.parametrize("total_steps", [1, 2, 3, 7])
 def test_every_step_the_scheduler_asks_for_is_defined(schedule: str, total_steps: int) -> None:
     """LambdaLR asks for steps 0..total_steps (the last after the final optimizer step)."""
     for step in range(total_steps + 1):
-        value = lr_multiplier(step, total_steps=total_steps, warmup_steps=0, schedule=schedule,
-                              cycle_end_steps=[1, total_steps] if total_steps > 1 else [total_steps])
+        value = lr_multiplier(step, total_steps=total_steps, warmup_steps=0, schedule=schedule)
         assert 0.0 <= value <= 1.0, (step, value)
-
-
-def test_cyclic_trainer_restarts_at_the_configured_epochs(tiny_splits) -> None:
-    config = TrainConfig(arch="resnet20", width=4, epochs=4, batch_size=8, lr=0.05, schedule="cyclic",
-                         cycle_epochs=1, cycle_factor=3)
-    trainer = Trainer(config, tiny_splits, device="cpu")
-    steps = trainer.steps_per_epoch
-    assert trainer.cycle_end_steps == [steps * e for e in (1, 3, 4)]
-    for end in trainer.cycle_end_steps:  # the last step of each cycle trains at the bottom of it
-        assert trainer._lr_lambda(end - 1) <= 0.5 * trainer._lr_lambda(end - 2) + 1e-12
-    assert trainer._lr_lambda(steps) < trainer._lr_lambda(steps + max(1, int(0.5 * steps)))  # going up again
-    history = trainer.fit()
-    assert len(history) == 4 and all(math.isfinite(m.train_loss) for m in history)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +234,6 @@ def test_cyclic_trainer_restarts_at_the_configured_epochs(tiny_splits) -> None:
     ("stem", "deep"), ("lr", 0.0), ("lr", -0.1), ("batch_size", 0), ("epochs", 0), ("input_size", 0),
     ("eval_batch_size", 0), ("val_fraction", 0.0), ("val_fraction", 1.0), ("train_subset", 0),
     ("dropout", 1.0), ("dropout", -0.1), ("layer_decay", 0.0), ("layer_decay", 1.5),
-    ("cycle_epochs", 0), ("cycle_epochs", 1.5), ("cycle_factor", 1.0),
 ])
 def test_check_config_names_the_bad_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"^{key}:") as error:

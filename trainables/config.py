@@ -12,7 +12,7 @@ from typing import Any
 
 FREEZE_STRATEGIES = ("none", "linear", "stages", "bn")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "onecycle", "step", "constant", "cyclic")
+SCHEDULES = ("cosine", "onecycle", "step", "constant")
 AUGMENTS = ("none", "flip", "crop_flip")
 STEMS = ("auto", "cifar", "small", "imagenet")
 
@@ -43,10 +43,8 @@ class TrainConfig:
     weight_decay: float = 5e-4      # never applied to BatchNorm parameters or biases
     batch_size: int = 128
     epochs: int = 10
-    schedule: str = "onecycle"      # cosine | onecycle | step | constant | cyclic
+    schedule: str = "onecycle"      # cosine | onecycle | step | constant
     warmup_epochs: float = 0.0      # linear warm-up (cosine/step/constant); onecycle has its own
-    cycle_epochs: int = 1           # cyclic: one-cycles that end at epochs c, c*f, c*f^2, ... and at `epochs`
-    cycle_factor: float = 3.0       # cyclic: f (a search sets c and f to ASHA's rungs)
     label_smoothing: float = 0.0
     augment: str = "crop_flip"      # none | flip | crop_flip
     crop_padding: int = 4           # pixels of reflect padding for the random crop
@@ -97,9 +95,5 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"train_subset: expected a positive integer, got {config.train_subset!r}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"dropout: expected 0 <= dropout < 1, got {config.dropout!r}")
-    if not (isinstance(config.cycle_epochs, int) and config.cycle_epochs >= 1):
-        raise ValueError(f"cycle_epochs: expected an integer >= 1, got {config.cycle_epochs!r}")
-    if not config.cycle_factor > 1:
-        raise ValueError(f"cycle_factor: expected a number > 1, got {config.cycle_factor!r}")
     if not 0.0 < config.layer_decay <= 1.0:
         raise ValueError(f"layer_decay: expected 0 < layer_decay <= 1, got {config.layer_decay!r}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,39 +65,16 @@ def default_device() -> torch.device:
 # Learning-rate schedule: a multiplier of the peak lr per optimizer step
 # ---------------------------------------------------------------------------------------------
 
-def cycle_ends(epochs: int, first: int, factor: float) -> list[int]:
-    """Epochs at which the cycles of the `cyclic` schedule end: first, first*factor, ... and epochs.
-
-    With first = ASHA's grace period and factor = its reduction factor these are the rungs (Ray
-    decides at the first epoch >= a rung, hence the ceiling), so every rung compares trials that
-    have just annealed their learning rate to zero rather than trials caught at a peak of it.
-    """
-    ends, at = [], float(first)
-    while at < epochs:
-        ends.append(math.ceil(at - 1e-9))
-        at *= factor
-    return sorted(set(ends) | {epochs})
-
-
-def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str,
-                  cycle_end_steps: Sequence[int] = ()) -> float:
-    # 1) cyclic: a one-cycle within each segment between consecutive ends (SGDR-like restarts)
-    if schedule == "cyclic" and cycle_end_steps:
-        start = 0
-        for end in cycle_end_steps:
-            if step < end:
-                return lr_multiplier(step - start, total_steps=end - start, warmup_steps=0, schedule="onecycle")
-            start = end
-        return 0.0
-    # 2) onecycle: linear up over the first 25% of steps, then linear down to zero
+def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    # 1) onecycle: linear up over the first 25% of steps, then linear down to zero
     if schedule == "onecycle":
         peak = max(1, int(0.25 * total_steps))
         return (step + 1) / peak if step < peak else max(0.0, (total_steps - step) / max(1, total_steps - peak))
-    # 3) linear warm-up for the others
+    # 2) linear warm-up for the others
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    # 4) the decay proper
+    # 3) the decay proper
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "step":  # x0.1 at half and at three quarters of the run
@@ -129,8 +106,6 @@ class Trainer:
         # by launch overhead on a GPU; the chunk bounds memory for large images.
         self.chunk_steps = max(1, CHUNK_IMAGES * 32 * 32 // (config.batch_size * config.input_size ** 2))
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.cycle_end_steps = [e * self.steps_per_epoch for e in cycle_ends(config.epochs, config.cycle_epochs,
-                                                                             config.cycle_factor)]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         # Data lives on the device as uint8 (4x smaller than float); batches are made from it.
         self.train_x = splits.train_images.to(self.device)
@@ -154,8 +129,7 @@ class Trainer:
 
     def _lr_lambda(self, step: int) -> float:
         warmup = int(self.config.warmup_epochs * self.steps_per_epoch)
-        return lr_multiplier(step, total_steps=self.total_steps, warmup_steps=warmup, schedule=self.config.schedule,
-                             cycle_end_steps=self.cycle_end_steps)
+        return lr_multiplier(step, total_steps=self.total_steps, warmup_steps=warmup, schedule=self.config.schedule)
 
     # --- one epoch ---------------------------------------------------------------------------
 

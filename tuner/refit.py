@@ -19,10 +19,7 @@ BEST_DIR = "best"
 
 
 def refit_config(base: dict[str, Any], best_config: dict[str, Any], epochs: int) -> TrainConfig:
-    config = TrainConfig.from_dict({**base, **best_config, "epochs": epochs})
-    # `cyclic` restarts the learning rate at ASHA's rungs for the search's sake; the refit has no
-    # rungs, so it trains one cycle over all its epochs.
-    return config.replace(schedule="onecycle") if config.schedule == "cyclic" else config
+    return TrainConfig.from_dict({**base, **best_config, "epochs": epochs})
 
 
 def refit_best(run_dir: str, found: Any, spec: Any, base: dict[str, Any]) -> dict[str, Any]:

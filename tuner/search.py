@@ -92,10 +92,6 @@ def base_config(spec: SearchSpec) -> dict[str, Any]:
             "input_size": spec.data.input_size, "val_fraction": spec.data.val_fraction,
             "train_subset": spec.data.train_subset, "pretrained": pretrained,
             "epochs": spec.budget.max_epochs, "seed": spec.sampler.seed}
-    # schedule `cyclic` (fixed or searched): its cycles end at ASHA's rungs unless the space says otherwise
-    for key, value in (("cycle_epochs", spec.budget.grace_period), ("cycle_factor", spec.budget.reduction_factor)):
-        if key not in spec.fixed and key not in spec.params:
-            base[key] = value
     try:
         check_config(TrainConfig.from_dict(base))
     except (TypeError, ValueError) as error:
