@@ -7,6 +7,7 @@ declares 4 GPUs that do not exist, so GPU allocation is checked through the ids 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -193,11 +194,25 @@ def test_dry_run_prints_the_space_and_starts_nothing(image_folder, tmp_path):
                           "--num-samples", "11")
     assert code == 0, output
     assert "lr" in output and "loguniform" in output and "trials: 11" in output
+    assert "up to 3 epochs each (ASHA decides after epoch 1, keeping the best 1/3)" in output
     assert not (tmp_path / "runs").exists()
     space = write_space(tmp_path, image_folder, trial={"gpus": "auto"})
     code, output = search("--space", str(space), "--dry-run")
     assert code == 0, output
     assert "auto (where there are GPUs: 0.25; largest model 0.2M MACs per image) GPU" in output
+
+
+@pytest.mark.parametrize(("max_t", "grace", "factor"), [
+    (4, 1, 3), (4, 2, 3), (8, 2, 4), (30, 3, 3), (9, 1, 3), (10, 1, 2.5), (100, 1, 2), (4, 4, 3), (1, 1, 3),
+])
+def test_dry_run_rungs_are_ray_tunes(max_t, grace, factor):
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    from tuner.search import asha_rungs
+
+    bracket = _Bracket(min_t=grace, max_t=max_t, reduction_factor=factor, s=0)
+    theirs = sorted(math.ceil(m) for m, _ in bracket._rungs if m < max_t)
+    assert asha_rungs(max_t, grace, factor) == theirs
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import tempfile
 import time
@@ -217,11 +218,26 @@ def storage_root(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
+def asha_rungs(max_epochs: int, grace_period: int, reduction_factor: float) -> list[int]:
+    """Epochs at which ASHA decides (Ray stops at the first epoch >= grace * factor**k below max_t)."""
+    rungs, at = [], float(grace_period)
+    while at < max_epochs:
+        rungs.append(math.ceil(at - 1e-9))
+        at *= reduction_factor
+    return rungs
+
+
 def dry_run(spec: SearchSpec, options: SearchOptions) -> None:
     for line in spec.describe():
         click.echo(line)
-    click.echo(f"trials: {spec.budget.num_samples}, up to {spec.budget.max_epochs} epochs each "
-               f"(ASHA grace {spec.budget.grace_period}, reduction {spec.budget.reduction_factor:g})")
+    budget = spec.budget
+    rungs = asha_rungs(budget.max_epochs, budget.grace_period, budget.reduction_factor)
+    if not rungs:
+        asha = "ASHA stops none: grace_period = max_epochs"
+    else:
+        at = f"epoch {rungs[0]}" if len(rungs) == 1 else f"epochs {', '.join(map(str, rungs[:-1]))} and {rungs[-1]}"
+        asha = f"ASHA decides after {at}, keeping the best 1/{budget.reduction_factor:g}"
+    click.echo(f"trials: {budget.num_samples}, up to {budget.max_epochs} epochs each ({asha})")
     gpus = spec.trial.gpus
     if gpus == "auto":
         share, size = auto_gpus(spec)
