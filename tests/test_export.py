@@ -51,11 +51,12 @@ def trained(image_data: ImageData, tiny_config: TrainConfig, tmp_path_factory: p
     model_dir = tmp_path_factory.mktemp("refit") / "best"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_module, "Trainer", RecordingTrainer)
-        metrics = run_training(tiny_config.replace(epochs=3), out_dir=model_dir, data=image_data,
+        # ema: exports must ship the weight average, the model that was tested, not the raw weights
+        metrics = run_training(tiny_config.replace(epochs=3, ema=0.5), out_dir=model_dir, data=image_data,
                                refit=True, device="cpu")
     export_model(model_dir, formats=FORMATS)
     trainer = trainers[0]
-    trainer.model.eval()
+    trainer.final_model.eval()
     return SimpleNamespace(model_dir=model_dir, trainer=trainer, metrics=metrics, data=image_data)
 
 
@@ -63,7 +64,7 @@ def _in_memory_logits(trained, images: torch.Tensor) -> torch.Tensor:
     """The trained model as training evaluated it: uint8 images normalised outside the model."""
     trainer = trained.trainer
     with torch.inference_mode():
-        return trainer.model(normalize(images, trainer.mean, trainer.std))
+        return trainer.final_model(normalize(images, trainer.mean, trainer.std))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_torchscript_loads_with_plain_torch(trained, tmp_path: Path) -> None:
     assert out["ours"] == []
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255
     with torch.inference_mode():
-        expected = trained.trainer.model((x / 255 - trained.trainer.mean) / trained.trainer.std)
+        expected = trained.trainer.final_model((x / 255 - trained.trainer.mean) / trained.trainer.std)
     torch.testing.assert_close(torch.tensor(out["logits"]), expected, atol=ATOL, rtol=0)
 
 

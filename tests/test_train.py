@@ -54,9 +54,11 @@ def test_seeded_run_is_reproducible(tiny_config: TrainConfig, tiny_splits: Split
     assert _without_timing(other.history) != _without_timing(first.history)
 
 
-def test_resume_mid_run_continues_exactly(tiny_config: TrainConfig, tiny_splits: Splits, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ema", [0.0, 0.5], ids=["raw", "ema"])
+def test_resume_mid_run_continues_exactly(tiny_config: TrainConfig, tiny_splits: Splits, tmp_path: Path,
+                                          ema: float) -> None:
     config = tiny_config.replace(augment="crop_flip", crop_padding=2, dropout=0.2, schedule="onecycle",
-                                 epochs=4, seed=3)
+                                 epochs=4, seed=3, ema=ema)
     uninterrupted = Trainer(config, tiny_splits, device="cpu")
     uninterrupted.fit()
 
@@ -73,7 +75,45 @@ def test_resume_mid_run_continues_exactly(tiny_config: TrainConfig, tiny_splits:
     assert [m.epoch for m in remaining] == [3, 4]
     assert _without_timing(resumed.history) == _without_timing(uninterrupted.history)
     _assert_same_weights(resumed.model, uninterrupted.model)
+    _assert_same_weights(resumed.final_model, uninterrupted.final_model)
     assert resumed.scheduler.last_epoch == uninterrupted.scheduler.last_epoch == uninterrupted.total_steps
+
+
+def test_ema_is_the_average_of_the_weights_with_the_half_life_asked(tiny_config: TrainConfig,
+                                                                      tiny_splits: Splits) -> None:
+    config = tiny_config.replace(epochs=2, ema=0.75, schedule="onecycle", batch_size=8)
+    trainer = Trainer(config, tiny_splits, device="cpu")
+    assert trainer.steps_per_epoch >= 3
+    after_each_step = []
+    trainer.optimizer.register_step_post_hook(
+        lambda *_: after_each_step.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}))
+    history = trainer.fit()
+    # by hand: start from the weights after the first step, then x <- d x + (1 - d) w, d^(0.75 epoch) = 1/2
+    decay = 0.5 ** (1 / (0.75 * trainer.steps_per_epoch))
+    expected = {k: v.double() for k, v in after_each_step[0].items()}
+    for state in after_each_step[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * state[k].double() for k in expected}
+    averaged = trainer.final_model.state_dict()
+    assert trainer.final_model is not trainer.model
+    for key, value in expected.items():
+        if value.is_floating_point() and key.endswith(("weight", "bias", "running_mean", "running_var")):
+            assert torch.allclose(averaged[key].double(), value, atol=1e-5), key
+    assert not torch.equal(averaged["fc.weight"], trainer.model.fc.weight.detach())
+    # validation scores the average, and the state's "model" is the average
+    val_loss, val_acc, _ = trainer.evaluate(tiny_splits.val_images, tiny_splits.val_labels)
+    assert (history[-1].val_loss, history[-1].val_acc) == pytest.approx((val_loss, val_acc))
+    raw = Trainer(config.replace(ema=0.0), tiny_splits, device="cpu")
+    raw.model.load_state_dict(trainer.model.state_dict())
+    assert raw.evaluate(tiny_splits.val_images, tiny_splits.val_labels)[0] != pytest.approx(val_loss)
+    state = trainer.state_dict()
+    _assert_same_weights_state(state["model"], averaged)
+    _assert_same_weights_state(state["train_model"], trainer.model.state_dict())
+
+
+def _assert_same_weights_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_huge_lr_raises_non_finite_loss(tiny_config: TrainConfig, tiny_splits: Splits) -> None:
@@ -233,7 +273,7 @@ def test_every_step_the_scheduler_asks_for_is_defined(schedule: str, total_steps
     ("schedule", "linear"), ("optimizer", "adam"), ("freeze", "all"), ("augment", "autoaugment"),
     ("stem", "deep"), ("lr", 0.0), ("lr", -0.1), ("batch_size", 0), ("epochs", 0), ("input_size", 0),
     ("eval_batch_size", 0), ("val_fraction", 0.0), ("val_fraction", 1.0), ("train_subset", 0),
-    ("dropout", 1.0), ("dropout", -0.1), ("layer_decay", 0.0), ("layer_decay", 1.5),
+    ("dropout", 1.0), ("dropout", -0.1), ("layer_decay", 0.0), ("layer_decay", 1.5), ("ema", -0.5),
 ])
 def test_check_config_names_the_bad_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"^{key}:") as error:

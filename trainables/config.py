@@ -49,6 +49,8 @@ class TrainConfig:
     augment: str = "crop_flip"      # none | flip | crop_flip
     crop_padding: int = 4           # pixels of reflect padding for the random crop
     cutout: int = 0                 # side of a random zeroed square, pixels (0 = off)
+    ema: float = 0.0                # half-life, in epochs, of an exponential moving average of the
+    #                                 weights; validation, test and exports use the average (0 = off)
     # --- run --------------------------------------------------------------------------------
     seed: int = 0
     eval_batch_size: int = 1024
@@ -93,6 +95,8 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"val_fraction: expected a number between 0 and 1, got {config.val_fraction!r}")
     if config.train_subset is not None and config.train_subset < 1:
         raise ValueError(f"train_subset: expected a positive integer, got {config.train_subset!r}")
+    if not config.ema >= 0.0:
+        raise ValueError(f"ema: expected a half-life in epochs >= 0 (0 = off), got {config.ema!r}")
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"dropout: expected 0 <= dropout < 1, got {config.dropout!r}")
     if not 0.0 < config.layer_decay <= 1.0:

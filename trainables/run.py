@@ -44,8 +44,8 @@ def run_training(config: TrainConfig, *, out_dir: str | Path, data: ImageData | 
     out_dir = Path(out_dir)
     state = trainer.state_dict()
     save_checkpoint(out_dir, state)
-    save_weights(out_dir, trainer.model, {k: v for k, v in state.items()
-                                          if k not in ("model", "optimizer", "scheduler")})
+    save_weights(out_dir, trainer.final_model, {k: v for k, v in state.items()
+                                                if k not in ("model", "train_model", "optimizer", "scheduler")})
     summary = _summary(trainer, refit)
     if refit:
         summary["test"] = evaluate_test(trainer, data)

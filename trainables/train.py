@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainConfig, check_config
 from .data import Splits, augment, normalize
@@ -107,6 +108,14 @@ class Trainer:
         self.chunk_steps = max(1, CHUNK_IMAGES * 32 * 32 // (config.batch_size * config.input_size ** 2))
         self.total_steps = self.steps_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        # An exponential moving average of the weights (BatchNorm statistics included) is what
+        # validation scores, the test measures and exports ship. At a high learning rate the raw
+        # weights bounce around the valley floor; the average sits near it, so an early epoch's
+        # score says more about where the run will end (what ASHA's early rungs decide on).
+        self.ema: AveragedModel | None = None
+        if config.ema > 0:
+            decay = 0.5 ** (1.0 / (config.ema * self.steps_per_epoch))  # per optimizer step
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         # Data lives on the device as uint8 (4x smaller than float); batches are made from it.
         self.train_x = splits.train_images.to(self.device)
         self.train_y = splits.train_labels.to(self.device)
@@ -159,6 +168,8 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             total_loss += loss.detach()
             correct += (logits.argmax(1) == labels).sum()
             if (step + 1) % NAN_CHECK_EVERY == 0:
@@ -186,10 +197,16 @@ class Trainer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    @property
+    def final_model(self) -> torch.nn.Module:
+        """The model that is evaluated and shipped: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
     @torch.inference_mode()
     def evaluate(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, torch.Tensor]:
         """(mean loss, accuracy, predictions) on uint8 images, in eval mode, no augmentation."""
-        self.model.eval()
+        model = self.ema.module if self.ema is not None else self.forward
+        model.eval()
         total_loss, predictions = 0.0, []
         for start in range(0, len(labels), self.config.eval_batch_size):
             batch = normalize(images[start:start + self.config.eval_batch_size].to(self.device), self.mean, self.std)
@@ -197,7 +214,7 @@ class Trainer:
             if self.cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
-                logits = self.forward(batch).float()
+                logits = model(batch).float()
             total_loss += F.cross_entropy(logits, target, reduction="sum").item()
             predictions.append(logits.argmax(1).cpu())
         predictions = torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
@@ -225,15 +242,22 @@ class Trainer:
     # --- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything to continue exactly, plus what a user of the model needs (config, classes...)."""
-        return {"config": self.config.to_dict(), "model": self.model.state_dict(),
+        """Everything to continue exactly, plus what a user of the model needs (config, classes...).
+
+        "model" holds the weights to use (the average, with ema); "train_model" the weights training
+        continues from, when they differ."""
+        extra = {"train_model": self.model.state_dict()} if self.ema is not None else {}
+        return {"config": self.config.to_dict(), "model": self.final_model.state_dict(), **extra,
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch, "history": list(self.history), "classes": list(self.splits.classes),
                 "num_classes": len(self.splits.classes), "mean": list(self.splits.mean),
                 "std": list(self.splits.std)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("train_model", state["model"]))
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["model"])
+            self.ema.n_averaged.fill_(1 if state["epoch"] > 0 else 0)  # 0: the next update copies
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = state["epoch"]

@@ -105,7 +105,7 @@ def refit_command(run_dir: str, epochs: int | None) -> None:
 
 TRAIN_FLAGS = ("dataset", "data_path", "arch", "depth", "width", "epochs", "batch_size", "lr",
                "optimizer", "schedule", "weight_decay", "label_smoothing", "train_subset", "input_size",
-               "pretrained", "freeze", "frozen_stages", "seed", "compile")
+               "pretrained", "freeze", "frozen_stages", "ema", "seed", "compile")
 
 
 @main.command()
@@ -127,6 +127,8 @@ TRAIN_FLAGS = ("dataset", "data_path", "arch", "depth", "width", "epochs", "batc
 @click.option("--pretrained", help="'torchvision' or a run folder of this project.")
 @click.option("--freeze", type=click.Choice(["none", "linear", "stages", "bn"]))
 @click.option("--frozen-stages", type=click.IntRange(min=0))
+@click.option("--ema", type=click.FloatRange(min=0.0),
+              help="Half-life in epochs of a moving average of the weights, which is evaluated and saved (0 = off).")
 @click.option("--seed", type=int)
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.")
 @click.option("--refit", is_flag=True, help="Train on train+val and evaluate the test split once.")

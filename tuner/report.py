@@ -41,6 +41,7 @@ PARAM_UNITS = {  # shown on axis labels; a param not listed gets "value"
     "momentum": "coefficient", "dropout": "probability", "label_smoothing": "fraction of target mass",
     "width": "channels", "depth": "layers", "warmup_epochs": "epochs", "cutout": "pixels",
     "crop_padding": "pixels", "layer_decay": "lr factor per stage", "frozen_stages": "stages",
+    "ema": "half-life, epochs",
 }
 VAL_ACC = "val_acc (fraction of validation images correct)"
 METRIC_UNITS = {"val_acc": "fraction", "val_loss": "cross-entropy, nats"}
