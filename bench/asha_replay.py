@@ -16,6 +16,13 @@ Output, from those curves alone (no training):
 
     python bench/asha_replay.py RUN_DIR --rungs 1,3 2 2,4 --targets 0.5 0.55 --orders 500
 
+`--pool` treats the trials of all the runs given as one set: random searches of the same space
+with different seeds are independent draws from it, so replaying random orders of the pooled
+trials without stopping estimates what random search costs on average, not in one lucky or
+unlucky order (what ASHA + TPE's real runs in `asha_vs_random.py` are compared with).
+
+    python bench/asha_replay.py RANDOM_RUN_0 RANDOM_RUN_1 RANDOM_RUN_2 --pool --targets 0.58 0.6
+
 `--baseline OTHER_RUN` replays ASHA over RUN_DIR's curves and the no-stopping search over
 OTHER_RUN's, pairing trials by configuration (both random searches with the same seed): for
 instance ASHA on the `cyclic` schedule against random search on `onecycle`.
@@ -48,6 +55,19 @@ def load_curves(run_dir: Path) -> tuple[dict[str, list[float]], dict[str, list[f
     full = {t: v for t, v in acc.items() if sorted(v) == list(range(1, longest + 1))}
     return ({t: [v[e] for e in range(1, longest + 1)] for t, v in full.items()},
             {t: [secs[t][e] for e in range(1, longest + 1)] for t in full})
+
+
+def pooled(run_dirs: list[Path]) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """The complete curves of several runs as one set, keyed "<index of the run>/<trial_id>"."""
+    curves: dict[str, list[float]] = {}
+    secs: dict[str, list[float]] = {}
+    for i, run_dir in enumerate(run_dirs):
+        c, t = load_curves(run_dir)
+        curves.update({f"{i}/{k}": v for k, v in c.items()})
+        secs.update({f"{i}/{k}": v for k, v in t.items()})
+    if len({len(v) for v in curves.values()}) > 1:
+        raise SystemExit("--pool: the runs' trials have different numbers of epochs")
+    return curves, secs
 
 
 def config_keys(run_dir: Path) -> dict[str, str]:
@@ -130,7 +150,7 @@ def compare(curves, secs, *, rungs: list[int], rf: float, workers: int, targets:
     base_curves, base_secs = baseline or (curves, secs)
     rng = random.Random(seed)
     ids = sorted(curves)
-    per_target = {t: {"asha": [], "none": [], "ratio": []} for t in targets}
+    per_target = {t: {"asha": [], "none": [], "ratio": []} for t in targets}  # epochs to t, per order
     spent = []
     for _ in range(orders):
         order = ids[:]
@@ -147,8 +167,10 @@ def compare(curves, secs, *, rungs: list[int], rf: float, workers: int, targets:
            "targets": {}}
     for t, d in per_target.items():
         reached = sum(math.isfinite(x) for x in d["asha"]) / orders
+        none_quartiles = np.percentile(d["none"], [25, 75]).tolist()
         out["targets"][f"{t:g}"] = {"asha_median": statistics.median(d["asha"]),
                                     "none_median": statistics.median(d["none"]),
+                                    "none_quartiles": none_quartiles,
                                     "median_ratio": statistics.median(d["ratio"]),
                                     "asha_reached": reached}
     return out
@@ -164,11 +186,15 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=500)
     parser.add_argument("--baseline", type=Path, help="no-stopping run of the same configurations (same sampler "
                         "and seed) to compare against, e.g. another schedule; default: the run itself")
+    parser.add_argument("--pool", action="store_true", help="treat the trials of all the runs as one set "
+                        "(random searches of one space with different seeds): random search's average cost")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.pool and args.baseline:
+        parser.error("--pool and --baseline do not go together")
     result = []
-    for run_dir in args.runs:
-        curves, secs = load_curves(run_dir)
+    for run_dir in (["+".join(map(str, args.runs))] if args.pool else args.runs):
+        curves, secs = pooled(args.runs) if args.pool else load_curves(run_dir)
         baseline = None
         if args.baseline:
             (curves, secs), baseline = paired(run_dir, args.baseline)
@@ -184,6 +210,7 @@ def main() -> None:
                           targets=args.targets, orders=args.orders, baseline=baseline)
             one["variants"].append(res)
             line = ", ".join(f"{t}: {d['asha_median']} vs {d['none_median']} "
+                             f"[{d['none_quartiles'][0]:g}-{d['none_quartiles'][1]:g}] "
                              f"(ratio {d['median_ratio']:.2f}, reached {d['asha_reached']:.0%})"
                              for t, d in res["targets"].items())
             print(f"  rungs {spec} rf {args.reduction_factor:g}: epochs spent "

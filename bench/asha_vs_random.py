@@ -1,6 +1,7 @@
 """Compute to reach a target validation accuracy: ASHA + TPE against random search without early
-stopping, same space, same trial count, same epochs per trial (`spaces/quick.yaml` by default),
-over several seeds.
+stopping, same space, same epochs per trial (`spaces/quick.yaml` by default), over several seeds.
+By default both run the same number of trials; `--asha-trials` gives ASHA more, so that both
+spend about the same epochs (ASHA's trials are cheaper: it stops most of them early).
 
 Epochs are counted in the order they finished (history.parquet timestamps): the figure is how
 many training epochs each search had spent when one of its trials first reached the target. A
@@ -8,6 +9,8 @@ search that never reaches it counts as not reaching it (never as its whole budge
 
     python bench/asha_vs_random.py --data ../shared/datasets/cifar10-jpg.tar.gz \
         --trials 24 --seeds 0 1 2 --targets 0.46 0.48 0.50
+    # the same budget of epochs: 24 full trials against 72 that ASHA mostly stops early
+    python bench/asha_vs_random.py --data DATA --trials 24 --asha-trials 72 --seeds 0 1 2 --targets 0.57 0.59
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--space", default="spaces/quick.yaml")
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the space's)")
+    parser.add_argument("--asha-trials", type=int, default=None,
+                        help="trials for ASHA + TPE (default: --trials): more, for the same epochs in all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.44])
     parser.add_argument("--variants", nargs="+", choices=["asha_tpe", "random_no_stopping"],
@@ -75,7 +80,8 @@ def main() -> None:
     earlier = {r["seed"]: r for r in json.loads(Path(args.reuse).read_text())["runs"]} if args.reuse else {}
     space = yaml.safe_load(Path(args.space).read_text())
     work = Path(tempfile.mkdtemp(prefix="bench-asha-"))
-    result: dict = {"space": args.space, "trials": args.trials or space["budget"]["num_samples"],
+    trials = args.trials or space["budget"]["num_samples"]
+    result: dict = {"space": args.space, "trials": trials, "asha_trials": args.asha_trials or trials,
                     "max_epochs": space["budget"]["max_epochs"], "seeds": args.seeds, "runs": []}
     for seed in args.seeds:
         one = {"seed": seed}
@@ -91,9 +97,10 @@ def main() -> None:
             path = work / f"{name}.yaml"
             path.write_text(yaml.safe_dump(spec))
             summary = run(SearchOptions(space=str(path), data=args.data, storage=str(work), name=f"{name}-{seed}",
-                                        num_samples=args.trials, seed=seed, refit=False))
+                                        num_samples=result["asha_trials"] if name == "asha_tpe" else trials,
+                                        seed=seed, refit=False))
             one[name] = {"epochs_to_target": {f"{t:g}": epochs_to_target(work / f"{name}-{seed}", t)
-                                              for t in args.targets},
+                                              for t in args.targets}, "run_dir": str(work / f"{name}-{seed}"),
                          "epochs_spent": summary["epochs_spent"], "best_val_acc": summary["best_val_acc"]}
             print(f"seed {seed} {name}: {one[name]}", flush=True)
         result["runs"].append(one)

@@ -305,4 +305,7 @@ def test_asha_replay_pairs_two_runs_by_configuration(finished_search):
     (mine, _), (theirs, _) = replay.paired(run_dir, run_dir)
     assert len(mine) == len(curves) and mine == theirs
     assert all(key.startswith('{"config/batch_size"') for key in mine)
+    both, _ = replay.pooled([run_dir, run_dir])  # two runs as one set of trials
+    assert sorted(both) == sorted(f"{i}/{t}" for i in (0, 1) for t in curves)
+    assert all(both[f"{i}/{t}"] == curves[t] for i in (0, 1) for t in curves)
 
