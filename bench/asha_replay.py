@@ -193,8 +193,9 @@ def main() -> None:
     if args.pool and args.baseline:
         parser.error("--pool and --baseline do not go together")
     result = []
-    for run_dir in (["+".join(map(str, args.runs))] if args.pool else args.runs):
-        curves, secs = pooled(args.runs) if args.pool else load_curves(run_dir)
+    runs = ([("+".join(map(str, args.runs)), *pooled(args.runs))] if args.pool
+            else [(run_dir, *load_curves(run_dir)) for run_dir in args.runs])
+    for run_dir, curves, secs in runs:
         baseline = None
         if args.baseline:
             (curves, secs), baseline = paired(run_dir, args.baseline)
