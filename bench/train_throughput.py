@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the project's model (the hand-written loop stays eager)")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="the project's loop keeps a weight average of this half-life in epochs, as "
+                             "spaces/quick.yaml's trials do (the hand-written loop has none)")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the timed epochs")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
@@ -91,7 +94,8 @@ def main() -> None:
     device = torch.device(args.device)
     config = TrainConfig(dataset=args.dataset, data_path=args.data, arch=args.arch, width=args.width,
                          epochs=args.epochs, batch_size=args.batch_size, lr=0.2, label_smoothing=0.1,
-                         weight_decay=5e-4, train_subset=args.images, seed=0, compile=args.compile)
+                         weight_decay=5e-4, train_subset=args.images, seed=0, compile=args.compile,
+                         ema=args.ema)
     data = load_data(config.dataset, config.data_path, input_size=config.input_size)
     splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed, train_subset=args.images)
     # 1) accuracy: the project's loop as a run uses it, epochs with validation
@@ -122,7 +126,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "arch": args.arch, "images": len(splits.train_labels),
         "epochs": args.epochs, "batch_size": args.batch_size, "torch": torch.__version__, "compile": args.compile,
-        "warmup_epoch_s": {k: round(v, 2) for k, v in warm.items()},
+        "ema": args.ema, "warmup_epoch_s": {k: round(v, 2) for k, v in warm.items()},
         "project_images_per_sec": statistics.median(project),
         "hand_written_images_per_sec": statistics.median(hand),
         "ratio": statistics.median(project) / statistics.median(hand),

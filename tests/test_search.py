@@ -309,3 +309,32 @@ def test_asha_replay_pairs_two_runs_by_configuration(finished_search):
     assert sorted(both) == sorted(f"{i}/{t}" for i in (0, 1) for t in curves)
     assert all(both[f"{i}/{t}"] == curves[t] for i in (0, 1) for t in curves)
 
+
+
+def test_noise_floor_retrains_what_the_search_trained(finished_search):
+    """Same configuration, seed and split as a trial: the bench's run ends where the trial ended."""
+    folder, _, _ = finished_search
+    noise = _bench("noise_floor")
+    trials = pq.read_table(folder / "runs" / "first" / "trials.parquet").to_pylist()
+    found = noise.finished_trials([folder / "runs" / "first"])
+    assert len(found) == sum(t["status"] == "completed" for t in trials) > 0  # stopped trials have no final
+    picked = noise.pick(found, 2, 1.0)
+    assert picked[0]["rank"] == 1 and picked[0]["final"] == max(t["final"] for t in found)
+    best = picked[0]
+    seed = best["base"]["seed"]
+    run = noise.train_once((best, seed, seed))
+    assert len(run["val_acc"]) == 3 and run["val_acc"][-1] == pytest.approx(best["final"], abs=1e-6)
+
+
+def test_noise_floor_separates_configuration_from_seed():
+    noise = _bench("noise_floor")
+    picked = [{"rank": r, "trial": t, "params": {}, "final": f} for r, t, f in ((1, "a", 0.7), (2, "b", 0.5))]
+    runs = [{"trial": t, "val_acc": [v], "seconds": 1.0, "val_images": 100}
+            for t, values in (("a", (0.60, 0.64)), ("b", (0.50, 0.54))) for v in values]
+    result = noise.analyse(picked, runs, [0.6])
+    assert result["within_sd"] == pytest.approx(math.sqrt(0.0008))  # each pair: sd of (x, x + 0.04)
+    # variance of the means (0.62, 0.52) is 0.005; 0.0008 / 2 of it is the seed's
+    assert result["between_sd"] == pytest.approx(math.sqrt(0.005 - 0.0004))
+    assert result["repeatability"] == pytest.approx(0.0046 / (0.0046 + 0.0008))
+    assert [row["reached"]["0.6"] for row in result["configs"]] == [1.0, 0.0]
+    assert result["best_search_final"] == 0.7 and result["best_repeat_mean"] == pytest.approx(0.62)
