@@ -63,12 +63,17 @@ def finished_trials(run_dirs: list[Path]) -> list[dict]:
     return trials
 
 
-def pick(trials: list[dict], k: int, from_top: float) -> list[dict]:
-    """k trials at evenly spaced ranks from the best to the from_top fraction of the ranking."""
+def pick(trials: list[dict], k: int, from_top: float, ids: tuple[str, ...] = ()) -> list[dict]:
+    """k trials at evenly spaced ranks from the best to the from_top fraction of the ranking, and
+    the trials named in ids (for instance the best of an ASHA + TPE search)."""
     ranked = sorted(trials, key=lambda t: -t["final"])
     last = max(0, min(len(ranked) - 1, round(from_top * (len(ranked) - 1))))
-    ranks = sorted({round(i * last / max(1, k - 1)) for i in range(k)})
-    return [{**ranked[r], "rank": r + 1} for r in ranks]
+    ranks = {round(i * last / max(1, k - 1)) for i in range(k)}
+    missing = set(ids) - {t["trial"] for t in ranked}
+    if missing:
+        raise ValueError(f"--trials: {', '.join(sorted(missing))} not among the finished trials of the runs given")
+    ranks |= {r for r, t in enumerate(ranked) if t["trial"] in ids}
+    return [{**ranked[r], "rank": r + 1} for r in sorted(ranks)]
 
 
 def train_once(job: tuple[dict, int, int]) -> dict:
@@ -124,8 +129,9 @@ def analyse(picked: list[dict], runs: list[dict], targets: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders of searches with no trial stopped")
-    parser.add_argument("--configs", type=int, default=8)
+    parser.add_argument("--configs", type=int, default=8, help="configurations at evenly spaced ranks (0: only --trials)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh training seeds per configuration")
+    parser.add_argument("--trials", nargs="*", default=[], help="also retrain these trial ids")
     parser.add_argument("--from-top", type=float, default=0.5, help="pick from the best down to this fraction")
     parser.add_argument("--split-seed", type=int, default=0, help="the one validation split every run uses")
     parser.add_argument("--first-seed", type=int, default=1000, help="training seeds first-seed, first-seed+1, ...")
@@ -139,7 +145,10 @@ def main() -> None:
     trials = finished_trials(args.runs)
     if len(trials) < 2:
         parser.error(f"{len(trials)} finished trials in the runs given; expected searches with no trial stopped")
-    picked = pick(trials, args.configs, args.from_top)
+    try:
+        picked = pick(trials, args.configs, args.from_top, tuple(args.trials))
+    except ValueError as error:
+        parser.error(str(error))
     jobs = [(t, args.first_seed + i, args.split_seed) for i in range(args.repeats) for t in picked]
     print(f"{len(trials)} finished trials; retraining {len(picked)} configurations x {args.repeats} seeds "
           f"({len(jobs)} runs, {args.workers} at a time)", flush=True)

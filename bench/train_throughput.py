@@ -103,25 +103,41 @@ def main() -> None:
     if not args.skip_accuracy:
         val_acc = Trainer(config, splits, device=device).fit()[-1].val_acc
         print(f"project loop: val_acc {val_acc:.4f} after {args.epochs} epochs", flush=True)
-    # 2) speed: epochs of the two loops alternate (ABBA), so a shared machine's drift hits both alike
-    trainer = Trainer(config.replace(epochs=2 * args.rounds * args.epochs), splits, device=device)
+    # 2) speed: epochs of the loops alternate, in turn forwards and backwards (ABBA), so a shared
+    # machine's drift hits them alike
+    loops = {"project": Trainer(config.replace(epochs=2 * args.rounds * args.epochs), splits, device=device)}
+    if args.ema:  # the same loop without the average, in the same rotation: what the average costs
+        loops["project_no_ema"] = Trainer(config.replace(epochs=2 * args.rounds * args.epochs, ema=0.0),
+                                          splits, device=device)
     hand_loop = HandWrittenLoop(splits, config, device)
+    ema_seconds = [0.0]  # time inside the average's per-step update, within the timed epochs
+    if args.ema:
+        update = loops["project"].ema.update_parameters
+
+        def timed_update(model, update=update):
+            start = time.perf_counter()
+            update(model)
+            ema_seconds[0] += time.perf_counter() - start
+        loops["project"].ema.update_parameters = timed_update
+    steps = {name: (lambda t=trainer: project_epoch(t)) for name, trainer in loops.items()}
+    steps["hand"] = hand_loop.epoch
     # warm-up: allocator, caches, kernels (and with --compile, the compilation: timed apart)
     warm = {}
-    for name, step in (("project", lambda: project_epoch(trainer)), ("hand", hand_loop.epoch)):
+    for name, step in steps.items():
         start = time.perf_counter()
         step()
         warm[name] = time.perf_counter() - start
-    print(f"warm-up epoch: project {warm['project']:.1f} s, hand-written {warm['hand']:.1f} s", flush=True)
-    project, hand = [], []
+    print("warm-up epoch: " + ", ".join(f"{name} {secs:.1f} s" for name, secs in warm.items()), flush=True)
+    speeds: dict[str, list[float]] = {name: [] for name in steps}
+    ema_seconds[0], epoch_seconds = 0.0, {}
     for index in range(args.rounds * args.epochs):
-        for which in ("project", "hand") if index % 2 == 0 else ("hand", "project"):
-            if which == "project":
-                project.append(project_epoch(trainer))
-            else:
-                hand.append(hand_loop.epoch())
-        print(f"epoch pair {index + 1}: project {project[-1]:.0f} img/s, hand-written {hand[-1]:.0f} img/s",
+        for name in list(steps) if index % 2 == 0 else list(steps)[::-1]:
+            start = time.perf_counter()
+            speeds[name].append(steps[name]())
+            epoch_seconds[name] = epoch_seconds.get(name, 0.0) + time.perf_counter() - start
+        print(f"epoch round {index + 1}: " + ", ".join(f"{name} {v[-1]:.0f} img/s" for name, v in speeds.items()),
               flush=True)
+    project, hand = speeds["project"], speeds["hand"]
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(), "arch": args.arch, "images": len(splits.train_labels),
@@ -130,8 +146,17 @@ def main() -> None:
         "project_images_per_sec": statistics.median(project),
         "hand_written_images_per_sec": statistics.median(hand),
         "ratio": statistics.median(project) / statistics.median(hand),
+        # the same, epoch by epoch within a round: steadier when the machine's speed drifts
+        "ratio_paired": statistics.median(p / h for p, h in zip(project, hand)),
         "val_acc_after_epochs": val_acc,
     }
+    if args.ema:  # the loop with the weight average against the same loop without it
+        result["project_no_ema_images_per_sec"] = statistics.median(speeds["project_no_ema"])
+        result["ema_ratio"] = result["project_images_per_sec"] / result["project_no_ema_images_per_sec"]
+        result["ema_ratio_paired"] = statistics.median(p / q for p, q in zip(project, speeds["project_no_ema"]))
+        # what no drift can blur: the share of the project's timed epochs spent updating the average
+        # (on a GPU, the host's time to launch the update, not the kernels')
+        result["ema_update_share"] = ema_seconds[0] / epoch_seconds["project"]
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as out:
