@@ -37,6 +37,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from trainables.config import TrainConfig
@@ -47,19 +48,17 @@ _DATA: dict = {}
 
 
 def finished_trials(run_dirs: list[Path]) -> list[dict]:
-    """Every trial of the runs that trained all epochs: base config, params, final val_acc."""
+    """Every trial of the runs that trained all epochs (the search's trials.parquet): base config,
+    sampled params, final val_acc."""
     trials = []
     for run_dir in run_dirs:
         meta = json.loads((run_dir / "search.json").read_text())
-        base, epochs = meta["base_config"], meta["max_epochs"]
-        for folder in sorted(run_dir.glob("trial_*")):
-            results = [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line]
-            if len(results) < epochs:
+        for row in pq.read_table(run_dir / "trials.parquet").to_pylist():
+            if row["epochs"] < meta["max_epochs"]:
                 continue  # stopped early: its final value is not known
-            params = json.loads((folder / "params.json").read_text())
-            trials.append({"run": str(run_dir), "trial": folder.name.split("_")[1], "base": base,
-                           "params": params, "final": results[epochs - 1]["val_acc"],
-                           "first": results[0]["val_acc"]})
+            params = {k.removeprefix("config/"): v for k, v in row.items() if k.startswith("config/") and v is not None}
+            trials.append({"run": str(run_dir), "trial": row["trial_id"], "base": meta["base_config"],
+                           "params": params, "final": row["last_val_acc"]})
     return trials
 
 
