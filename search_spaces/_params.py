@@ -130,6 +130,16 @@ class ParamSpec(BaseModel):
             return trial.suggest_int(name, *self.int_, step=self.step or 1, log=self.log)
         return trial.suggest_float(name, *self.bounds, log=kind == "loguniform")
 
+    def edges(self) -> tuple[Any, ...]:
+        """The values a check should try: every choice, both ends of a range, the constant."""
+        kind = self.kind
+        if kind == "choice":
+            return self.choice
+        if kind == "value":
+            return (self.value,)
+        low, high = self.bounds
+        return (low,) if low == high else (low, high)
+
     def can_take(self, value: Any) -> bool:
         kind = self.kind
         if kind == "choice":

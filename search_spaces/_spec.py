@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import optuna
@@ -170,6 +170,25 @@ class SearchSpec(_Section):
             if param.is_active(values):
                 values[name] = param.suggest(trial, name)
         return values
+
+    def edge_cases(self) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+        """(name, value, params) for every value a parameter can take at an edge of its range
+        (each choice, both ends of a range), with the parameters it depends on set so that it is
+        active and the others at their first edge: what a sampler may draw at worst, for checking
+        a space against the trainable before any trial starts."""
+        first = {name: param.edges()[0] for name, param in self.params.items()}
+        for name, param in self.params.items():
+            for value in param.edges():
+                forced = {name: value}
+                pending = [name]
+                while pending:  # its parents, their parents, ...: a value that makes each active
+                    for parent, allowed in self.params[pending.pop()].when.items():
+                        if parent not in forced:
+                            forced[parent] = allowed[0]
+                            pending.append(parent)
+                params = self.sample(optuna.trial.FixedTrial({**first, **forced}))
+                if name in params:
+                    yield name, value, params
 
     def define_by_run(self) -> Callable[[optuna.Trial], dict[str, Any]]:
         """The `space` for Ray's OptunaSearch: suggests, and returns only the active constants."""

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from trainables.models import count_macs, create_model
 from tuner.cli import main
-from tuner.search import SearchOptions, largest_model_macs, load_spec, trials_per_gpu
+from tuner.search import SearchOptions, base_config, largest_model_macs, load_spec, trials_per_gpu
 
 from conftest import DECLARED_GPUS
 
@@ -188,6 +188,28 @@ def test_more_gpus_than_the_cluster_has_fails_fast(ray_session, image_folder, tm
     assert not (tmp_path / "tiny").exists()
 
 
+@pytest.mark.parametrize(("params", "message"), [
+    ({"depth": {"choice": [8, 9]}}, "params: depth = 9 (choice [8, 9]): depth: expected 6n+2"),
+    ({"batch_size": {"choice": [0, 8]}}, "params: batch_size = 0 (choice [0, 8]): batch_size: expected a positive"),
+    ({"lr": {"uniform": [-0.5, 1.0]}}, "params: lr = -0.5 (uniform [-0.5, 1]): lr: expected a positive number"),
+    # only sampled under a condition: the check sets its parent so that it is
+    ({"depth": {"choice": [8, 14]}, "dropout": {"uniform": [0.0, 1.0], "when": {"depth": 14}}},
+     "params: dropout = 1.0 (uniform [0, 1] when depth in [14]): dropout: expected 0 <= dropout < 1"),
+    # a bad value of another parameter is named as that one, not as the one being tried
+    ({"depth": {"choice": [8, 14]}, "batch_size": {"int": [0, 16]}}, "params: batch_size = 0 (int [0, 16])"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_param_value_no_trial_can_train_is_one_line_before_any_trial(image_folder, tmp_path, params, message,
+                                                                       dry_run):
+    space = write_space(tmp_path, image_folder, params={"lr": {"loguniform": [1.0e-3, 1.0]}, **params})
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"),
+                          *(["--dry-run"] if dry_run else []))
+    assert code == 2, output
+    assert message in output
+    assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
 def test_dry_run_prints_the_space_and_starts_nothing(image_folder, tmp_path):
     space = write_space(tmp_path, image_folder)
     code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--dry-run",
@@ -338,3 +360,41 @@ def test_noise_floor_separates_configuration_from_seed():
     assert result["repeatability"] == pytest.approx(0.0046 / (0.0046 + 0.0008))
     assert [row["reached"]["0.6"] for row in result["configs"]] == [1.0, 0.0]
     assert result["best_search_final"] == 0.7 and result["best_repeat_mean"] == pytest.approx(0.62)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_SPACES = sorted([*(ROOT / "spaces").glob("*.yaml"), *(ROOT / "bench" / "spaces").glob("*.yaml")])
+
+
+def test_the_shipped_spaces_are_all_found():
+    names = {str(p.relative_to(ROOT)) for p in SHIPPED_SPACES}
+    assert {"spaces/quick.yaml", "spaces/scratch.yaml", "spaces/finetune.yaml", "spaces/resnet18.yaml",
+            "bench/spaces/quick_wide.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED_SPACES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_space_samples_configs_a_trial_accepts(path):
+    """Every space in the repo loads as `tune-resnet search` loads it, and what its sampler draws
+    is a training config the trainable accepts and (from scratch) a model that builds."""
+    import optuna
+
+    from trainables.config import TrainConfig, check_config
+
+    spec = load_spec(SearchOptions(space=str(path)))
+    base = base_config(spec)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen: dict[str, set] = {}
+    for _ in range(12):
+        trial = study.ask()
+        params = spec.sample(trial)
+        config = TrainConfig.from_dict({**base, **params})
+        check_config(config)
+        if config.pretrained is None:
+            model = create_model(config.arch, num_classes=10, depth=config.depth, width=config.width,
+                                 stem=config.stem, input_size=config.input_size)
+            assert sum(p.numel() for p in model.parameters()) > 0
+        for key, value in params.items():
+            seen.setdefault(key, set()).add(value)
+        study.tell(trial, 0.5)
+    # the sampled parameters do vary (a space that pins everything would search nothing)
+    assert any(len(values) > 1 for values in seen.values()), seen

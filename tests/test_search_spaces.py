@@ -115,6 +115,28 @@ def test_full_space_parses(tmp_path: Path) -> None:
     assert any("nesterov" in line and "when momentum in [0.9]" in line for line in lines)
 
 
+def test_edge_cases_try_every_edge_of_every_param_where_it_is_active(tmp_path: Path) -> None:
+    spec = _load(tmp_path, FULL)
+    cases = list(spec.edge_cases())
+    tried = {(name, value) for name, value, _ in cases}
+    assert tried == {
+        ("nesterov", True), ("nesterov", False), ("momentum", 0.9), ("momentum", 0.95), ("optimizer", "sgd"),
+        ("optimizer", "adamw"), ("warmup_epochs", 2), ("arch", "resnet20"), ("arch", "resnet18"),
+        ("lr", 1.0e-4), ("lr", 1.0e-1), ("weight_decay", 0.0), ("weight_decay", 1.0e-3), ("freeze", "none"),
+        ("freeze", "stages"), ("frozen_stages", 1), ("frozen_stages", 3), ("batch_size", 64),
+        ("batch_size", 256), ("epochs", 5),
+    }  # fmt: skip
+    for name, value, params in cases:
+        assert params[name] == value
+        _assert_obeys_when(spec, params)  # a configuration the sampler could draw
+    # nesterov needs momentum 0.9, which needs sgd: the parents of the parents are set too
+    nesterov = next(params for name, _, params in cases if name == "nesterov")
+    assert nesterov["optimizer"] == "sgd" and nesterov["momentum"] == 0.9
+    # the others stay at their first edge
+    lr_high = next(params for name, value, params in cases if (name, value) == ("lr", 0.1))
+    assert lr_high["batch_size"] == 64 and lr_high["arch"] == "resnet20"
+
+
 def test_defaults_fill_in(tmp_path: Path) -> None:
     spec = load_space(_write(tmp_path, MINIMAL, "quick.yaml"))
     assert spec.name == "quick"

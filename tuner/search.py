@@ -100,6 +100,32 @@ def base_config(spec: SearchSpec) -> dict[str, Any]:
     return base
 
 
+def check_params(spec: SearchSpec, base: dict[str, Any]) -> None:
+    """Every value the sampler may draw at an edge of a range (each choice, both ends), in the
+    base config, must be a config the trainable accepts and, from scratch, a model that builds:
+    `depth: {choice: [8, 9]}` fails here in one line, not later in every trial that draws 9."""
+    import torch
+
+    built: set[tuple] = set()
+    for name, value, params in spec.edge_cases():
+        try:
+            config = TrainConfig.from_dict({**base, **params})
+            check_config(config)
+            model = (config.arch, config.depth, config.width, config.stem, config.input_size, config.dropout)
+            if config.pretrained is None and model not in built:  # a pretrained start brings its model
+                with torch.device("meta"):  # shapes only: no memory, no initialisation
+                    create_model(config.arch, num_classes=10, depth=config.depth, width=config.width,
+                                 stem=config.stem, input_size=config.input_size, dropout=config.dropout)
+                built.add(model)
+        except (TypeError, ValueError) as error:
+            key = str(error).split(":")[0]  # the config's checks name the key they refuse
+            if key in params and key in spec.params:  # not always the parameter being tried
+                name, value = key, params[key]
+            raise SearchError(f"{getattr(spec, '_source', spec.name)}: params: {name} = {value!r} "
+                              f"({spec.params[name].describe()}): {error}; change the range or drop "
+                              f"the value") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # 2) resources
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +276,7 @@ def dry_run(spec: SearchSpec, options: SearchOptions) -> None:
 def run(options: SearchOptions) -> dict[str, Any]:
     spec = load_spec(options)
     base = base_config(spec)
+    check_params(spec, base)
     if options.dry_run:
         dry_run(spec, options)
         return {}
