@@ -332,6 +332,41 @@ def test_asha_replay_pairs_two_runs_by_configuration(finished_search):
     assert all(both[f"{i}/{t}"] == curves[t] for i in (0, 1) for t in curves)
 
 
+def test_sampler_quality_reads_every_trial_in_start_order(finished_search):
+    folder, _, _ = finished_search
+    run_dir = folder / "runs" / "first"
+    quality = _bench("sampler_quality")
+    found = quality.trials_in_order(run_dir)
+    trials = pq.read_table(run_dir / "trials.parquet").to_pylist()
+    assert len(found) == len(trials) == 6  # stopped trials too: all reach the first rung
+    assert [t["started_at"] for t in found] == sorted(t["started_at"] for t in trials)
+    history = pq.read_table(run_dir / "history.parquet").to_pylist()
+    first = {h["trial_id"]: h["val_acc"] for h in history if h["training_iteration"] == 1}
+    assert all(t["rung_val_acc"] == first[t["trial_id"]] for t in found)
+    params = {k.removeprefix("config/") for k in trials[0] if k.startswith("config/")}
+    assert params and set(quality.settled_on(found)) == params
+
+
+def test_sampler_quality_scores_blocks_against_the_random_draws():
+    quality = _bench("sampler_quality")
+
+    def trial(value, final=None, depth=8):
+        return {"rung_val_acc": value, "curve": {1: value, **({3: final} if final is not None else {})},
+                "config/depth": depth, "config/lr": 0.1}
+
+    random_trials = [trial(v / 100, final=0.5) for v in range(1, 101)]  # p75 0.7525, p90 0.901
+    run = [trial(0.1), trial(0.2), trial(0.8, final=0.6), trial(0.95, final=0.7, depth=14), trial(0.5, depth=14)]
+    result = quality.compare(random_trials, run, [2, 5], max_epochs=3)
+    first, second = result["blocks"]
+    assert first == {"trials": "1-2", "mean": pytest.approx(0.15), "above_random_p75": 0.0, "above_random_p90": 0.0,
+                     "finished": 0, "final_mean": None}
+    assert second["trials"] == "3-5" and second["mean"] == pytest.approx(0.75)
+    assert second["above_random_p75"] == pytest.approx(2 / 3) and second["above_random_p90"] == pytest.approx(1 / 3)
+    assert second["finished"] == 2 and second["final_mean"] == pytest.approx(0.65)
+    assert result["random"]["final_mean"] == pytest.approx(0.5)
+    assert result["last_block_settled_on"]["depth"] == {"commonest": 14, "share": pytest.approx(2 / 3)}
+    assert result["last_block_settled_on"]["lr"] == {"median": 0.1}
+
 
 def test_noise_floor_retrains_what_the_search_trained(finished_search):
     """Same configuration, seed and split as a trial: the bench's run ends where the trial ended."""
