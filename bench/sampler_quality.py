@@ -6,9 +6,10 @@ val_acc does (Spearman 0.72 to 0.86: `asha_replay.py`).
 Input: random searches that stopped no trial (the `random_no_stopping-<seed>` folders of
 `asha_vs_random.py`) and ASHA + TPE searches of the same space (`asha_tpe-<seed>`). Output, per
 ASHA + TPE run and block of trials in the order they started: the mean first-rung val_acc, the
-share of trials above the 75th and 90th percentile of the random draws', the final val_acc of the
-trials ASHA let finish, and what the sampler settled on in the last block (the commonest choice
-and its share, the median of numbers).
+share of trials above the 75th and 90th percentile of the random draws', the share ASHA let past
+its first rung and the epochs it trained per trial, the final val_acc of the trials it let
+finish, and what the sampler settled on in the last block (the commonest choice and its share,
+the median of numbers).
 
     python bench/sampler_quality.py --random RANDOM_RUN_0 RANDOM_RUN_1 --runs ASHA_TPE_RUN_0 \
         ASHA_TPE_RUN_1 --blocks 4 24 48 72
@@ -58,7 +59,8 @@ def settled_on(trials: list[dict]) -> dict:
     return out
 
 
-def compare(random_trials: list[dict], run_trials: list[dict], blocks: list[int], max_epochs: int) -> dict:
+def compare(random_trials: list[dict], run_trials: list[dict], blocks: list[int], max_epochs: int,
+            rung: int = 1) -> dict:
     """Blocks of the run's trials (ends given, in start order) against the random draws."""
     ref = np.array([t["rung_val_acc"] for t in random_trials])
     p75, p90 = np.percentile(ref, [75, 90])
@@ -77,6 +79,8 @@ def compare(random_trials: list[dict], run_trials: list[dict], blocks: list[int]
         result["blocks"].append({"trials": f"{start + 1}-{start + len(block)}", "mean": float(values.mean()),
                                  "above_random_p75": float(np.mean(values > p75)),
                                  "above_random_p90": float(np.mean(values > p90)),
+                                 "past_rung": float(np.mean([max(t["curve"]) > rung for t in block])),
+                                 "epochs_per_trial": statistics.fmean(max(t["curve"]) for t in block),
                                  "finished": len(done), "final_mean": statistics.fmean(done) if done else None})
         start = end
     last = run_trials[blocks[-2]:blocks[-1]] if len(blocks) > 1 else run_trials
@@ -98,7 +102,7 @@ def main() -> None:
     max_epochs = max(max(t["curve"]) for t in random_trials)
     results = []
     for run in args.runs:
-        res = compare(random_trials, trials_in_order(run, args.rung), args.blocks, max_epochs)
+        res = compare(random_trials, trials_in_order(run, args.rung), args.blocks, max_epochs, args.rung)
         results.append({"run": str(run), **res})
         ref = res["random"]
         print(f"{run}: val_acc after epoch {args.rung}, random draws ({ref['trials']}): mean {ref['mean']:.3f}, "
@@ -107,7 +111,8 @@ def main() -> None:
         for b in res["blocks"]:
             final = f"{b['final_mean']:.3f}" if b["final_mean"] is not None else "-"
             print(f"  trials {b['trials']}: mean {b['mean']:.3f}, above random's p75 {b['above_random_p75']:.0%}, "
-                  f"p90 {b['above_random_p90']:.0%}; {b['finished']} finished, final mean {final}")
+                  f"p90 {b['above_random_p90']:.0%}; past the rung {b['past_rung']:.0%}, "
+                  f"{b['epochs_per_trial']:.1f} epochs per trial, {b['finished']} finished, final mean {final}")
         print(f"  last block settled on: {json.dumps(res.get('last_block_settled_on'), default=str)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

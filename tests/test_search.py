@@ -359,10 +359,11 @@ def test_sampler_quality_scores_blocks_against_the_random_draws():
     result = quality.compare(random_trials, run, [2, 5], max_epochs=3)
     first, second = result["blocks"]
     assert first == {"trials": "1-2", "mean": pytest.approx(0.15), "above_random_p75": 0.0, "above_random_p90": 0.0,
-                     "finished": 0, "final_mean": None}
+                     "past_rung": 0.0, "epochs_per_trial": 1.0, "finished": 0, "final_mean": None}
     assert second["trials"] == "3-5" and second["mean"] == pytest.approx(0.75)
     assert second["above_random_p75"] == pytest.approx(2 / 3) and second["above_random_p90"] == pytest.approx(1 / 3)
     assert second["finished"] == 2 and second["final_mean"] == pytest.approx(0.65)
+    assert second["past_rung"] == pytest.approx(2 / 3) and second["epochs_per_trial"] == pytest.approx(7 / 3)
     assert result["random"]["final_mean"] == pytest.approx(0.5)
     assert result["last_block_settled_on"]["depth"] == {"commonest": 14, "share": pytest.approx(2 / 3)}
     assert result["last_block_settled_on"]["lr"] == {"median": 0.1}
