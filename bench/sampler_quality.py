@@ -8,8 +8,8 @@ Input: random searches that stopped no trial (the `random_no_stopping-<seed>` fo
 ASHA + TPE run and block of trials in the order they started: the mean first-rung val_acc, the
 share of trials above the 75th and 90th percentile of the random draws', the share ASHA let past
 its first rung and the epochs it trained per trial, the final val_acc of the trials it let
-finish, and what the sampler settled on in the last block (the commonest choice and its share,
-the median of numbers).
+finish, and what the sampler settled on in the last block it reached (the commonest choice and
+its share, the median of numbers).
 
     python bench/sampler_quality.py --random RANDOM_RUN_0 RANDOM_RUN_1 --runs ASHA_TPE_RUN_0 \
         ASHA_TPE_RUN_1 --blocks 4 24 48 72
@@ -48,9 +48,10 @@ def params_of(trial: dict) -> dict:
 
 def settled_on(trials: list[dict]) -> dict:
     """Per parameter: the commonest value and its share (choices) or the median (numbers)."""
+    params = [params_of(t) for t in trials]
     out = {}
-    for name in sorted(params_of(trials[0])):
-        values = [params_of(t)[name] for t in trials]
+    for name in sorted(params[0]):
+        values = [p[name] for p in params]
         if all(isinstance(v, float) for v in values):
             out[name] = {"median": statistics.median(values)}
         else:
@@ -69,11 +70,12 @@ def compare(random_trials: list[dict], run_trials: list[dict], blocks: list[int]
                          "final_mean": statistics.fmean(finals) if finals else None,
                          "final_p75": float(np.percentile(finals, 75)) if finals else None},
               "blocks": []}
-    start = 0
+    start, last = 0, []
     for end in blocks:
         block = run_trials[start:end]
         if not block:
             break
+        last = block
         values = np.array([t["rung_val_acc"] for t in block])
         done = [t["curve"][max_epochs] for t in block if max_epochs in t["curve"]]
         result["blocks"].append({"trials": f"{start + 1}-{start + len(block)}", "mean": float(values.mean()),
@@ -83,7 +85,6 @@ def compare(random_trials: list[dict], run_trials: list[dict], blocks: list[int]
                                  "epochs_per_trial": statistics.fmean(max(t["curve"]) for t in block),
                                  "finished": len(done), "final_mean": statistics.fmean(done) if done else None})
         start = end
-    last = run_trials[blocks[-2]:blocks[-1]] if len(blocks) > 1 else run_trials
     if last:
         result["last_block_settled_on"] = settled_on(last)
     return result
