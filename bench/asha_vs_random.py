@@ -53,10 +53,11 @@ def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
         key = f"{target:g}"
         row = {"target": target}
         for name in ("asha_tpe", "random_no_stopping"):
-            found = [r[name]["epochs_to_target"][key] for r in runs]
-            row[name] = [x for x in found]
-            row[f"{name}_median"] = statistics.median(math.inf if x is None else x for x in found)
-        a, b = row["asha_tpe_median"], row["random_no_stopping_median"]
+            found = [r[name]["epochs_to_target"][key] for r in runs if name in r]
+            if found:
+                row[name] = found
+                row[f"{name}_median"] = statistics.median(math.inf if x is None else x for x in found)
+        a, b = row.get("asha_tpe_median", math.inf), row.get("random_no_stopping_median", math.inf)
         row["ratio"] = a / b if math.isfinite(a) and math.isfinite(b) else None
         rows.append(row)
     return rows
@@ -75,11 +76,14 @@ def main() -> None:
                         default=["asha_tpe", "random_no_stopping"], help="searches to run")
     parser.add_argument("--reuse", help="JSON of an earlier run (same seeds and targets) to take the "
                         "variants not run from: random search does not depend on ASHA's settings")
+    parser.add_argument("--work", help="folder for the searches' run folders (default: a new temporary one); "
+                        "asha_replay.py and sampler_quality.py read them afterwards")
     parser.add_argument("--json")
     args = parser.parse_args()
     earlier = {r["seed"]: r for r in json.loads(Path(args.reuse).read_text())["runs"]} if args.reuse else {}
     space = yaml.safe_load(Path(args.space).read_text())
-    work = Path(tempfile.mkdtemp(prefix="bench-asha-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-asha-"))
+    work.mkdir(parents=True, exist_ok=True)
     trials = args.trials or space["budget"]["num_samples"]
     result: dict = {"space": args.space, "trials": trials, "asha_trials": args.asha_trials or trials,
                     "max_epochs": space["budget"]["max_epochs"], "seeds": args.seeds, "runs": []}
@@ -87,6 +91,8 @@ def main() -> None:
         one = {"seed": seed}
         for name, spec in variants(space).items():
             if name not in args.variants:
+                if not earlier:  # a variant on its own: no comparison in this run's summary
+                    continue
                 if seed not in earlier or name not in earlier[seed]:
                     parser.error(f"--reuse has no {name} result for seed {seed}")
                 missing = {f"{t:g}" for t in args.targets} - set(earlier[seed][name]["epochs_to_target"])

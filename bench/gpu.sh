@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The GPU figures of bench/README.md, in one go on a machine with one CUDA GPU:
-#   bash bench/gpu.sh DATA RESULTS_DIR [loop|search|longer|all]
+#   bash bench/gpu.sh DATA RESULTS_DIR [loop|search|longer|all|open]
+#   SEEDS="0 1" VARIANTS="asha_tpe random_no_stopping" bash bench/gpu.sh DATA RESULTS_DIR asha
+#     (also SPACE=..., RANDOM_TRIALS=24, ASHA_TRIALS=72)
 # DATA: CIFAR-10 as an image folder (../shared/datasets/cifar10-jpg.tar.gz unpacked).
 # Each step writes RESULTS_DIR/<name>.json (and logs); a failed step is reported and skipped.
+# Neither `open` nor `asha` is part of `all`:
+# - `open` measures what earlier GPU sessions left open (about 6 minutes).
+# - `asha` takes about 5 minutes per seed and variant (estimated, not yet run), so give one call
+#   one seed. It leaves RESULTS_DIR/asha_tables_<seeds>_<variants>.tar.gz: the run folders'
+#   tables, which asha_replay.py, sampler_quality.py and asha_vs_random.py --reuse read anywhere.
 set -u
 DATA=$1 RES=$2 PART=${3:-all}
 PY=${PYTHON:-python3}
-mkdir -p "$RES"
+mkdir -p "$RES" && RES=$(cd "$RES" && pwd)
 step() {  # step NAME SECONDS CMD...: run with a time limit, keep the log, go on after a failure
   local name=$1 limit=$2; shift 2
   echo "=== $name: $*"; local t0=$SECONDS
@@ -61,4 +68,34 @@ yaml.safe_dump({**best, 'arch': 'resnet18', 'batch_size': 512, 'eval_batch_size'
   step train_resnet18_cutout 120 $PY -m tuner.cli train --config "$RES/cutout.yaml" --data "$DATA" --refit \
     --out "$RES/cutout"
   cp "$RES/cutout/metrics.json" "$RES/train_resnet18_cutout_metrics.json" 2>/dev/null
+fi
+
+if [[ $PART == asha ]]; then
+  # (c) at GPU scale: ASHA + TPE (72 trials) against random search without early stopping (24
+  # trials, about the same epochs) on the quick space trained on all 45,000 images
+  SEEDS=${SEEDS:-0} VARIANTS=${VARIANTS:-"asha_tpe random_no_stopping"}
+  SPACE=${SPACE:-bench/spaces/quick_full.yaml} RANDOM_TRIALS=${RANDOM_TRIALS:-24} ASHA_TRIALS=${ASHA_TRIALS:-72}
+  TAG="${SEEDS// /-}_${VARIANTS// /-}"
+  step "asha_full_$TAG" 570 $PY bench/asha_vs_random.py --data "$DATA" --space "$SPACE" \
+    --trials "$RANDOM_TRIALS" --asha-trials "$ASHA_TRIALS" --seeds $SEEDS --variants $VARIANTS \
+    --targets 0.8 0.82 0.84 0.85 0.86 0.87 0.88 0.89 0.9 --work "$RES/asha" --json "$RES/asha_full_$TAG.json"
+  (cd "$RES/asha" && tar czf "$RES/asha_tables_$TAG.tar.gz" \
+    */history.parquet */trials.parquet */summary.json */search.json */optuna.journal 2>/dev/null)
+  ls -l "$RES/asha_tables_$TAG.tar.gz"
+fi
+
+if [[ $PART == open ]]; then
+  # the weight average's cost on a GPU (spaces/quick.yaml trains with ema: 0.5): the loop with it,
+  # without it and the hand-written one, in one rotation
+  step loop_resnet20_ema 150 $PY bench/train_throughput.py --data "$DATA" --device cuda --arch resnet20 \
+    --images 45000 --epochs 2 --rounds 2 --ema 0.5 --skip-accuracy --json "$RES/loop_resnet20_ema.json"
+  step loop_resnet18_ema 180 $PY bench/train_throughput.py --data "$DATA" --device cuda --arch resnet18 \
+    --batch-size 512 --images 45000 --epochs 2 --rounds 2 --ema 0.5 --skip-accuracy \
+    --json "$RES/loop_resnet18_ema.json"
+  # the band where trials.gpus auto gives 2 trials per GPU (150M-300M MACs) was interpolated
+  # between ResNet-20 w32 (163M) and ResNet-18 (556M): a model near its top, one above it
+  step share_resnet32w32 150 $PY bench/gpu_sharing.py --data "$DATA" --arch resnet32 --width 32 \
+    --shares 1 2 4 --epochs 1 --images 20000 --json "$RES/share_resnet32w32.json"
+  step share_resnet44w32 150 $PY bench/gpu_sharing.py --data "$DATA" --arch resnet44 --width 32 \
+    --shares 1 2 4 --epochs 1 --images 20000 --json "$RES/share_resnet44w32.json"
 fi

@@ -290,6 +290,14 @@ def test_asha_bench_medians_count_a_miss_as_never():
     assert row["ratio"] == pytest.approx(0.4)
 
 
+def test_asha_bench_summarises_one_variant_run_on_its_own():
+    """bench/gpu.sh runs ASHA + TPE and random search as separate calls: a summary of one has no ratio."""
+    runs = [{"seed": s, "asha_tpe": {"epochs_to_target": {"0.5": a}}} for s, a in ((0, 10), (1, 14), (2, None))]
+    row = _bench("asha_vs_random").summarise(runs, [0.5])[0]
+    assert row["asha_tpe"] == [10, 14, None] and row["asha_tpe_median"] == 14
+    assert "random_no_stopping" not in row and row["ratio"] is None
+
+
 def test_asha_replay_makes_ray_tunes_decisions():
     """The replay's stopping rule is Ray Tune's: same curves, same order, same epochs trained."""
     import random
@@ -405,7 +413,7 @@ SHIPPED_SPACES = sorted([*(ROOT / "spaces").glob("*.yaml"), *(ROOT / "bench" / "
 def test_the_shipped_spaces_are_all_found():
     names = {str(p.relative_to(ROOT)) for p in SHIPPED_SPACES}
     assert {"spaces/quick.yaml", "spaces/scratch.yaml", "spaces/finetune.yaml", "spaces/resnet18.yaml",
-            "bench/spaces/quick_wide.yaml"} <= names
+            "bench/spaces/quick_wide.yaml", "bench/spaces/quick_16.yaml", "bench/spaces/quick_full.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED_SPACES, ids=lambda p: str(p.relative_to(ROOT)))
