@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,76 @@ def test_pretrained_weights_that_do_not_fit_their_config(tmp_path, image_folder,
                                        "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert "do not fit" in result.output.strip().splitlines()[-1] and "Traceback" not in result.output
+
+
+def _checkpoint_file_that_is_not_one(root: Path) -> str:
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "checkpoint.pt").write_bytes(b"truncated: not a torch file")
+    return str(root / "model")
+
+
+# Values a trial's model would refuse: found before any trial, whatever the params draw.
+# (space edits, given tmp_path -> what the one line must say)
+MODEL_CASES = {
+    "frozen stages beyond the model's": (
+        lambda root: {"params": {"frozen_stages": {"int": [1, 5]}}, "fixed": {"freeze": "stages"}},
+        "params: frozen_stages = 5 (int [1, 5]): frozen_stages: expected 0..3 for this model, got 5"),
+    "label smoothing of 1 or more": (
+        lambda root: {"params": {"label_smoothing": {"uniform": [0.0, 1.5]}}},
+        "params: label_smoothing = 1.5"),
+    "a pretrained run that is not there": (
+        lambda root: {"model": {"pretrained": str(root / "missing")}},
+        "model: pretrained: "),
+    "a pretrained checkpoint that is not one": (
+        lambda root: {"model": {"pretrained": _checkpoint_file_that_is_not_one(root)}},
+        "cannot be read"),
+    "torchvision weights for a CIFAR ResNet": (
+        lambda root: {"model": {"pretrained": "torchvision"}},
+        "model: pretrained: torchvision has ImageNet weights for resnet18"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES))
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_what_a_trials_model_would_refuse_fails_before_any_trial(case, dry_run, tmp_path, image_folder):
+    edits, message = MODEL_CASES[case]
+    space = write_space(tmp_path, image_folder, **edits(tmp_path))
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--storage", str(tmp_path / "runs"),
+                                       *(["--dry-run"] if dry_run else [])])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ") and message in lines[0], result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_refuses_a_freeze_the_model_does_not_have(tmp_path, image_folder):
+    config = tmp_path / "train.yaml"
+    config.write_text("arch: resnet20\nfreeze: stages\nfrozen_stages: 4\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(config), "--dataset", "imagefolder",
+                                       "--data", str(image_folder), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "frozen_stages: expected 0..3 for this model, got 4" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_search_whose_every_trial_errors_fails_with_the_first_error(ray_session, tmp_path, image_folder,
+                                                                     tiny_config):
+    """What no check can see before training (weights that do not fit their own config) errors in
+    every trial: the search keeps its tables, names the first error and exits with 1, not 0."""
+    from trainables.checkpoint import save_weights
+    from trainables.models import create_model
+
+    other = create_model("cifar_resnet", num_classes=3, depth=14, width=4)  # not the depth-8 of its config
+    save_weights(tmp_path / "model", other, {"config": tiny_config.to_dict(), "num_classes": 3,
+                                             "classes": ["a", "b", "c"], "mean": [0.5] * 3, "std": [0.2] * 3})
+    space = write_space(tmp_path, image_folder, model={"pretrained": str(tmp_path / "model")},
+                        budget={"num_samples": 2, "max_epochs": 1, "grace_period": 1})
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--storage", str(tmp_path / "runs")])
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1, result.output
+    assert last.startswith("Error: no trial gave a result: 2 of 2 errored; the first error: ") and "do not fit" in last
+    assert "Traceback" not in result.output
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["by_status"]["errored"] == 2 and summary["best_trial_id"] is None
+    assert not (tmp_path / "runs" / "tiny" / "best").exists()
+    assert len(list((tmp_path / "runs" / "tiny").glob("*/error.txt"))) == 2  # where the message points

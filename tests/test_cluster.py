@@ -122,6 +122,20 @@ def test_trials_at_once_count_what_fits_on_each_node(image_folder, tmp_path, nod
     assert resources.max_concurrent == at_once
 
 
+@pytest.mark.parametrize("nodes, gpus, notice", [
+    ([(2, 0)], "auto", "no GPU found: trials run on the CPU"),
+    ([(2, 0)], 1, "no GPU found: trials run on the CPU"),
+    ([(2, 0)], 0, None),                                                  # asked for the CPU: nothing to say
+    ([(4, 1)], "auto", "trial.gpus auto: 0.25 GPU per trial (largest model in the space: "),
+])
+def test_where_trials_run_is_said_in_one_line(image_folder, tmp_path, nodes, gpus, notice):
+    space = write_space(tmp_path, image_folder, trial={"gpus": gpus})
+    options = SearchOptions(space=str(space))
+    resources = plan_resources(load_spec(options), options, cluster_of(*nodes))
+    assert (resources.notice is None) if notice is None else resources.notice.startswith(notice), resources.notice
+    assert resources.gpus_per_trial == (0.25 if nodes[0][1] else 0.0)
+
+
 @pytest.mark.parametrize("nodes, trial, flags, message", [
     ([(4, 2), (4, 2)], {"gpus": 4}, {}, "trial.gpus: 4 GPUs per trial, but no node has more than 2"),
     ([(4, 2), (4, 2)], {"gpus": 0.5}, {"gpus": 5}, "--gpus: 5 asked, but the cluster has 4 now"),

@@ -296,3 +296,32 @@ def test_checkpoint_of_a_fine_tune_at_another_input_size_can_be_a_pretrained_sta
     save_checkpoint(tmp_path / "finetune", finetune.state_dict())
     model = build_model(config.replace(input_size=96, pretrained=str(tmp_path / "finetune")), num_classes=3)
     _assert_body_equal(model, finetune.model.state_dict())
+
+
+def test_check_model_finds_what_building_the_model_would_refuse(tmp_path: Path) -> None:
+    """The pre-trial check: the freeze must fit the model the run builds, and a pretrained start
+    must be there and readable; a good config passes without any memory for weights."""
+    from trainables.finetune import check_model
+
+    check_model(TrainConfig(arch="resnet20", freeze="stages", frozen_stages=3))
+    check_model(TrainConfig(arch="resnet18", freeze="stages", frozen_stages=4))  # 4 stages there
+    with pytest.raises(ValueError, match="^frozen_stages: expected 0..3 for this model, got 4"):
+        check_model(TrainConfig(arch="resnet20", freeze="stages", frozen_stages=4))
+    with pytest.raises(PretrainedError, match="does not exist"):
+        check_model(TrainConfig(pretrained=str(tmp_path / "missing")))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(PretrainedError, match="cannot be read"):
+        check_model(TrainConfig(pretrained=str(tmp_path / "bad")))
+
+
+def test_check_model_follows_the_pretrained_runs_architecture(source_run: dict, tiny_config: TrainConfig) -> None:
+    """A checkpoint brings its own model: the freeze is checked against it, not the config's arch."""
+    from trainables.finetune import check_model
+
+    stages = create_model("cifar_resnet", num_classes=3, depth=8, width=4).num_stages
+    check_model(tiny_config.replace(arch="resnet18", pretrained=str(source_run["checkpoint"]), freeze="stages",
+                                    frozen_stages=stages))
+    with pytest.raises(ValueError, match=f"expected 0..{stages} for this model"):
+        check_model(tiny_config.replace(arch="resnet18", pretrained=str(source_run["checkpoint"]), freeze="stages",
+                                        frozen_stages=stages + 1))

@@ -35,7 +35,7 @@ def write_space(folder: Path, images: Path, **sections) -> Path:
         "refit": {"epochs": 2},
     }
     for key, value in sections.items():
-        space[key] = {**space[key], **value} if isinstance(value, dict) and key != "params" else value
+        space[key] = {**space.get(key, {}), **value} if isinstance(value, dict) and key != "params" else value
     path = folder / "space.yaml"
     path.write_text(yaml.safe_dump(space))
     return path

@@ -101,3 +101,11 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"dropout: expected 0 <= dropout < 1, got {config.dropout!r}")
     if not 0.0 < config.layer_decay <= 1.0:
         raise ValueError(f"layer_decay: expected 0 < layer_decay <= 1, got {config.layer_decay!r}")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {config.label_smoothing!r}")
+    if not 0.0 <= config.momentum < 1.0:
+        raise ValueError(f"momentum: expected 0 <= momentum < 1, got {config.momentum!r}")
+    not_negative = ("weight_decay", "warmup_epochs", "crop_padding", "cutout", "frozen_stages")
+    for key in not_negative:
+        if not getattr(config, key) >= 0:
+            raise ValueError(f"{key}: expected a number >= 0, got {getattr(config, key)!r}")

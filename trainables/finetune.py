@@ -50,12 +50,21 @@ def model_config_of(config: TrainConfig) -> TrainConfig:
     return resolved.replace(stem=resolve_stem(resolved.arch, resolved.stem, resolved.input_size))
 
 
+PRETRAINED_EXPECTED = "expected a run folder with checkpoint.pt or weights.safetensors + config.json written by tune-resnet"
+
+
 def _load_pretrained(path: str) -> dict:
     try:
-        return load_checkpoint(path)
+        checkpoint = load_checkpoint(path)
     except FileNotFoundError as error:
-        raise PretrainedError(f"pretrained: {error}; expected a run folder with checkpoint.pt "
-                              "or weights.safetensors + config.json written by tune-resnet") from None
+        raise PretrainedError(f"pretrained: {error}; {PRETRAINED_EXPECTED}") from None
+    except Exception as error:  # truncated, not a torch file, not ours: torch.load raises many kinds
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PretrainedError(f"pretrained: {path}: cannot be read ({first}); {PRETRAINED_EXPECTED}") from None
+    missing = [key for key in ("config", "model", "num_classes") if key not in checkpoint]
+    if missing:
+        raise PretrainedError(f"pretrained: {path}: no {', '.join(missing)} in it; {PRETRAINED_EXPECTED}")
+    return checkpoint
 
 
 def _from_checkpoint(config: TrainConfig, num_classes: int) -> ResNet:
@@ -83,18 +92,23 @@ def _torchvision_arch(config: TrainConfig) -> str:
     return arch
 
 
-def _from_torchvision(config: TrainConfig, num_classes: int) -> ResNet:
-    """ImageNet weights from the local torch hub cache (machines here have no internet)."""
+def _torchvision_weights(arch: str) -> Path:
+    """The local file of torchvision's ImageNet weights for `arch` (machines here have no internet)."""
     import torchvision.models as tvm
 
-    arch = _torchvision_arch(config)
     weights = tvm.get_weight(f"{arch.replace('resnet', 'ResNet')}_Weights.IMAGENET1K_V1")
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.exists():
         raise PretrainedError(f"pretrained: ImageNet weights for {arch} are not in the torch cache ({path}); "
                               f"download {weights.url} there on a machine with internet, "
                               "or use pretrained: <run folder> of this project")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return path
+
+
+def _from_torchvision(config: TrainConfig, num_classes: int) -> ResNet:
+    """ImageNet weights from the local torch hub cache."""
+    arch = _torchvision_arch(config)
+    state = torch.load(_torchvision_weights(arch), map_location="cpu", weights_only=True)
     model = create_model(arch, num_classes=1000, width=64, stem=config.stem,
                          input_size=config.input_size, dropout=config.dropout)
     if model.conv1.weight.shape != state["conv1.weight"].shape:
@@ -104,6 +118,19 @@ def _from_torchvision(config: TrainConfig, num_classes: int) -> ResNet:
     if num_classes != 1000:
         model.replace_head(num_classes)
     return model
+
+
+def check_model(config: TrainConfig) -> None:
+    """What a run would refuse about its model, found without training or memory: the pretrained
+    start is there (a checkpoint of this project, or torchvision's weights in the local cache), the
+    model builds (shapes only) and the freeze strategy fits it. Raises ValueError naming the key."""
+    resolved = model_config_of(config)  # reads a pretrained checkpoint's config; checks a torchvision arch
+    if config.pretrained is not None and config.pretrained.startswith("torchvision"):
+        _torchvision_weights(resolved.arch)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = create_model(resolved.arch, num_classes=10, depth=resolved.depth, width=resolved.width,
+                             stem=resolved.stem, input_size=resolved.input_size, dropout=resolved.dropout)
+    apply_freeze(model, config.freeze, config.frozen_stages)
 
 
 # ---------------------------------------------------------------------------------------------

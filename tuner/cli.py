@@ -14,7 +14,7 @@ import yaml
 from search_spaces import SpaceError
 from trainables.config import SCHEDULES, TrainConfig, check_config
 from trainables.data import DataError, load_data, make_splits
-from trainables.finetune import PretrainedError
+from trainables.finetune import PretrainedError, check_model
 
 from .search import SearchError, SearchOptions
 
@@ -166,6 +166,7 @@ def _train_config(config_file: str | None, flags: dict) -> TrainConfig:
     try:
         config = TrainConfig.from_dict(values)
         check_config(config)
+        check_model(config)  # the pretrained start is there, the freeze fits the model
     except (TypeError, ValueError) as error:
         raise SearchError(f"{config_file or 'train'}: {error}") from None
     return config

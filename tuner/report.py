@@ -351,7 +351,8 @@ def plot_slices(run: Run):
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         _slice(ax, run, name, distributions[name], np.random.default_rng(0))
-    axes.flat[0].legend(fontsize=7)  # one legend: the statuses are the same in every panel
+    if axes.flat[0].get_legend_handles_labels()[0]:  # none when no trial has a value (all errored)
+        axes.flat[0].legend(fontsize=7)  # one legend: the statuses are the same in every panel
     for ax in list(axes.flat)[len(names):]:
         ax.set_visible(False)
     fig.suptitle(f"Best {run.metric} of each trial against each hyperparameter (slice plots)")

@@ -20,7 +20,7 @@ from search_spaces import SearchSpec, build_sampler, load_space
 from trainables.config import (AUGMENTS, FREEZE_STRATEGIES, OPTIMIZERS, SCHEDULES, STEMS, TrainConfig,
                                check_config, field_names)
 from trainables.data import load_data
-from trainables.finetune import PretrainedError, model_config_of
+from trainables.finetune import PretrainedError, check_model, model_config_of
 from trainables.models import count_macs, create_model, list_models
 
 from . import _ray, results
@@ -39,6 +39,12 @@ class SearchError(click.ClickException):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))  # one line, whatever the cause's text held
+
+
+class SearchFailed(click.ClickException):
+    """No trial gave a result (every one errored): exit code 1, the tables and report written."""
+
+    exit_code = 1
 
 
 class Interrupted(click.ClickException):
@@ -102,28 +108,38 @@ def base_config(spec: SearchSpec) -> dict[str, Any]:
 
 def check_params(spec: SearchSpec, base: dict[str, Any]) -> None:
     """Every value the sampler may draw at an edge of a range (each choice, both ends), in the
-    base config, must be a config the trainable accepts and, from scratch, a model that builds:
+    base config, must be a config the trainable accepts and a model that builds from its start
+    (from scratch, a checkpoint or torchvision's weights) with its freeze strategy:
     `depth: {choice: [8, 9]}` fails here in one line, not later in every trial that draws 9."""
-    import torch
-
-    built: set[tuple] = set()
+    checked: set[tuple] = set()
     for name, value, params in spec.edge_cases():
         try:
             config = TrainConfig.from_dict({**base, **params})
             check_config(config)
-            model = (config.arch, config.depth, config.width, config.stem, config.input_size, config.dropout)
-            if config.pretrained is None and model not in built:  # a pretrained start brings its model
-                with torch.device("meta"):  # shapes only: no memory, no initialisation
-                    create_model(config.arch, num_classes=10, depth=config.depth, width=config.width,
-                                 stem=config.stem, input_size=config.input_size, dropout=config.dropout)
-                built.add(model)
+            model = (config.arch, config.depth, config.width, config.stem, config.input_size, config.dropout,
+                     config.pretrained, config.freeze, config.frozen_stages)
+            if model not in checked:  # the pretrained start is there, the model builds, the freeze fits it
+                check_model(config)
+                checked.add(model)
         except (TypeError, ValueError) as error:
             key = str(error).split(":")[0]  # the config's checks name the key they refuse
             if key in params and key in spec.params:  # not always the parameter being tried
                 name, value = key, params[key]
+            elif key not in spec.params and _fails_alike(base, error):  # whatever the params draw
+                section = "model" if key == "pretrained" else "fixed"
+                raise SearchError(f"{getattr(spec, '_source', spec.name)}: {section}: {error}") from None
             raise SearchError(f"{getattr(spec, '_source', spec.name)}: params: {name} = {value!r} "
                               f"({spec.params[name].describe()}): {error}; change the range or drop "
                               f"the value") from None
+
+
+def _fails_alike(base: dict[str, Any], error: Exception) -> bool:
+    """The base config (fixed values and the model's start, no params) fails with the same error."""
+    try:
+        check_model(TrainConfig.from_dict(base))
+    except (TypeError, ValueError) as own:
+        return str(own) == str(error)
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +166,8 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
     if gpus == "auto" and total_gpus and cluster.gpus:
         gpus, size = auto_gpus(spec)
         notice = f"trial.gpus auto: {gpus:g} GPU per trial (largest model in the space: {size})" if size else None
+    if gpus == "auto" and not cluster.gpus:
+        notice = "no GPU found: trials run on the CPU"
     gpus = (1.0 if total_gpus else 0.0) if gpus == "auto" else float(gpus)
     if gpus and not cluster.gpus:
         notice, gpus = "no GPU found: trials run on the CPU", 0.0
@@ -313,7 +331,16 @@ def run(options: SearchOptions) -> dict[str, Any]:
     if options.refit and found.summary["best_trial_id"] is not None:
         _refit_into_storage(run_dir, found, spec, base)
     write_report_safely(run_dir)  # report.html + optuna.journal; a failure prints one line
+    if found.summary["best_trial_id"] is None:
+        raise SearchFailed(no_result(found.trials, run_dir))
     return found.summary
+
+
+def no_result(trials: list[dict[str, Any]], run_dir: str) -> str:
+    errors = [t["error"] for t in trials if t.get("error")]
+    first = f"; the first error: {errors[0]}" if errors else ""
+    return " ".join(f"no trial gave a result: {len(errors)} of {len(trials)} errored{first}; each trial's "
+                    f"error.txt is in its folder under {run_dir}".split())
 
 
 def _resume_possible(plan: _ray.SearchPlan) -> bool:
