@@ -202,3 +202,23 @@ def test_a_search_whose_every_trial_errors_fails_with_the_first_error(ray_sessio
     assert summary["by_status"]["errored"] == 2 and summary["best_trial_id"] is None
     assert not (tmp_path / "runs" / "tiny" / "best").exists()
     assert len(list((tmp_path / "runs" / "tiny").glob("*/error.txt"))) == 2  # where the message points
+
+
+@pytest.mark.parametrize("args, message", [
+    (["search", "--space", "x.yaml", "--num-samples", "0"], "Invalid value for '--num-samples'"),
+    (["search"], "Missing option '--space'"),
+    (["serch"], "No such command 'serch'. Did you mean 'search'?"),
+    (["--bad"], "No such option '--bad'"),
+    (["data", "prepare", "--foo"], "No such option '--foo'. (see tune-resnet data prepare -h)"),
+    (["predict", "--model", "m", "x.jpg", "--top-k", "0"], "Invalid value for '--top-k'"),
+])
+def test_mistakes_in_flags_are_one_line_too(args, message):
+    result = CliRunner().invoke(main, args, prog_name="tune-resnet")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].startswith("Error: ") and message in lines[0] and "-h)" in lines[0], result.output
+
+
+def test_a_bare_group_still_shows_its_help():
+    result = CliRunner().invoke(main, ["data"], prog_name="tune-resnet")
+    assert "prepare" in result.output and "Error" not in result.output

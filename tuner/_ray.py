@@ -388,10 +388,19 @@ def records(grid: tune.ResultGrid) -> list[TrialRecord]:
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         trial_id = trial_id or Path(result.path).name
         checkpoint = _as_uri(result.filesystem, result.checkpoint.path) if result.checkpoint else None
+        if checkpoint and not _exists(result.filesystem, result.checkpoint.path):
+            checkpoint = None  # pruned (PruneCheckpoints): finished below the best
         error = str(result.error).strip().splitlines()[-1] if result.error else None
         out.append(TrialRecord(trial_id, dict(result.config or {}), history, error,
                                _as_uri(result.filesystem, result.path), checkpoint))
     return out
+
+
+def _exists(filesystem: Any, path: str) -> bool:
+    try:
+        return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError:  # cannot tell: keep the path Ray gave
+        return True
 
 
 _SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs"}  # pyarrow type_name -> URI scheme

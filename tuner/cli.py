@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -40,7 +41,31 @@ def user_errors(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class OneLineErrors(click.Group):
+    """Click's own mistakes in flags (an unknown option, a value out of range) in one line too,
+    with where to look, instead of a usage block: exit code 2 as click gives them."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with _one_line(ctx):
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        with _one_line(ctx):
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line(ctx: click.Context):
+    try:
+        yield
+    except click.UsageError as error:
+        if isinstance(error, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # a bare group: its help
+            raise
+        where = error.ctx.command_path if error.ctx else ctx.command_path
+        raise SearchError(f"{error.format_message()} (see {where} -h)") from None
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def main() -> None:
     """Find, train and ship ResNet image classifiers: Ray Tune trials, Optuna samplers, ASHA."""
     from trainables.train import flush_denormals
