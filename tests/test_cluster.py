@@ -374,11 +374,14 @@ def peak(intervals: list[tuple[float, float]]) -> int:
 
 def assert_only_the_best_keeps_checkpoints(trials: list[dict], summary: dict, run_dir: Path) -> None:
     """Checkpoints land in storage; the search then prunes those of finished trials below the
-    best (trials tied at the best all keep theirs, the summary's best among them)."""
+    best (trials tied at the best all keep theirs, the summary's best among them); trials.parquet
+    names only the checkpoints still there."""
+    kept = {t["trial_id"] for t in trials if t["checkpoint"] is not None}
     for trial in trials:
-        checkpoint = Path(trial["checkpoint"])
-        assert checkpoint.parent == Path(trial["path"]) and checkpoint.parent.parent == run_dir
-    kept = {t["trial_id"] for t in trials if Path(t["checkpoint"]).is_dir()}
+        if trial["checkpoint"] is not None:
+            checkpoint = Path(trial["checkpoint"])
+            assert checkpoint.is_dir() and checkpoint.parent == Path(trial["path"])
+            assert checkpoint.parent.parent == run_dir
     tied = {t["trial_id"] for t in trials if t["best_val_acc"] == summary["best_val_acc"]}
     assert kept == tied and summary["best_trial_id"] in kept
 

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from test_search import run_tables, search, write_space
-from tuner._ray import CheckpointPacer
+from tuner._ray import STATE_BACKUP, CheckpointPacer, back_up_state, repair_state
 
 
 def reported_trials(experiment: Path) -> int:
@@ -21,32 +22,46 @@ def reported_trials(experiment: Path) -> int:
     return sum(1 for path in experiment.glob("trial_*/result.json") if path.stat().st_size)
 
 
-def driver_after_two_trials(space: Path, storage: Path, name: str) -> subprocess.Popen:
-    """A search driver in its own process group (with its embedded Ray), once two trials reported."""
+def driver_after_two_trials(space: Path, storage: Path, name: str, *, backed_up: bool = False) -> subprocess.Popen:
+    """A search driver in its own process group (with its embedded Ray), once two trials reported
+    (and, with backed_up, once a copy of Ray's state was taken)."""
     command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
                "--name", name, "--max-concurrent", "1", "--no-refit", "--cpus", "1"]
     driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while reported_trials(storage / name) < 2 and time.monotonic() < deadline and driver.poll() is None:
+
+    def ready() -> bool:
+        copied = any((storage / name / STATE_BACKUP).glob("experiment_state-*.json"))
+        return reported_trials(storage / name) >= 2 and (copied or not backed_up)
+
+    while not ready() and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.05)
     assert driver.poll() is None, driver.stdout.read().decode()
     return driver
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, image_folder, tmp_path):
+@pytest.mark.parametrize("state", ["as saved", "cut off"])
+def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, image_folder, tmp_path, state):
+    """SIGKILL may land while Ray copies its state into the run folder, leaving the files empty
+    ("cut off", made certain here): --resume then puts back the copy taken when a trial ended."""
     space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3})
     storage = tmp_path / "runs"
     experiment = storage / "killed"
-    driver = driver_after_two_trials(space, storage, "killed")
+    driver = driver_after_two_trials(space, storage, "killed", backed_up=state == "cut off")
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
     driver.wait()
     before = {p.parent.name: p.read_text().count("\n") for p in experiment.glob("trial_*/result.json")}
     assert 2 <= sum(1 for lines in before.values() if lines) < 6, before
+    if state == "cut off":
+        for path in [*experiment.glob("experiment_state-*.json"), *experiment.glob("search*state-*")]:
+            path.write_bytes(b"")
 
     code, output = search("--space", str(space), "--storage", str(storage), "--name", "killed",
                           "--max-concurrent", "1", "--no-refit", "--resume")
     assert code == 0, output
     assert "resuming" in output
+    if state == "cut off":  # (as saved, the kill may still have cut the copy off: no claim either way)
+        assert "restored the copy taken when a trial last ended" in output, output
     trials, history, summary = run_tables(experiment)
     assert len(trials) == 6 and summary["trials"] == 6  # num_samples honoured in total
     assert len({t["trial_id"] for t in trials}) == 6
@@ -121,3 +136,29 @@ def test_checkpoint_pacer_saves_every_epoch_while_cheap_and_the_last_always():
             saved.append(epoch)
     # cheap (1% of an epoch): every epoch; slow (12%): once per 0.12 / 0.05 = 2.4 s, and the last
     assert saved == [1, 2, 3, 4, 5, 8, 10]
+
+
+def test_state_backup_keeps_the_last_whole_copy_and_repair_puts_it_back(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    names = ("experiment_state-2026-01-01_00-00-00.json", "search_gen_state-2026-01-01_00-00-00.json",
+             "searcher-state-2026-01-01_00-00-00.pkl")
+    for i, name in enumerate(names):
+        (run / name).write_text('{"saved": 1}' if name.startswith("experiment") else f"pickle {i}")
+    (run / "history.parquet").write_bytes(b"not state")
+    assert repair_state(str(run)) is None  # nothing damaged: nothing done
+    assert back_up_state(str(run))
+    assert sorted(p.name for p in (run / STATE_BACKUP).iterdir()) == sorted(names)
+
+    (run / names[0]).write_text('{"saved": 2, "cut')  # a copy cut off half-way
+    assert not back_up_state(str(run))  # the whole copy stays
+    assert (run / STATE_BACKUP / names[0]).read_text() == '{"saved": 1}'
+
+    assert "restored the copy" in repair_state(str(run))
+    assert (run / names[0]).read_text() == '{"saved": 1}' and (run / names[2]).read_text() == "pickle 2"
+
+    (run / names[2]).write_bytes(b"")
+    for copy in (run / STATE_BACKUP).iterdir():
+        copy.unlink()
+    with pytest.raises(Exception, match="is damaged .* and there is no whole copy"):
+        repair_state(str(run))

@@ -77,6 +77,7 @@ def test_search_writes_tables_that_agree_with_the_summary(finished_search):
     assert summary["best_val_acc"] == pytest.approx(best["best_val_acc"])
     assert f"best val_acc: {best['best_val_acc']:.4f}" in output
     kept = {t["trial_id"] for t in trials if any(Path(t["path"]).glob("checkpoint_*"))}
+    assert kept == {t["trial_id"] for t in trials if t["checkpoint"]}  # the table names only what is kept
     tied = {t["trial_id"] for t in trials if t["best_val_acc"] == best["best_val_acc"]}
     assert kept == tied  # finished trials below the best lose their checkpoints; ties keep them
     assert len(list(Path(best["path"]).glob("checkpoint_*"))) <= 2  # and the best keeps at most two

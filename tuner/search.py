@@ -316,7 +316,8 @@ def run(options: SearchOptions) -> dict[str, Any]:
                f"{resources.gpus_per_trial:g} GPU each) -> {run_dir}")
     _save_space(spec, run_dir, base, plan)  # first: `tune-resnet status` reads the budget from it
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs)
-    callbacks = [_ray.ProgressCallback(progress), _ray.PruneCheckpoints(plan.metric, plan.mode)]
+    callbacks = [_ray.ProgressCallback(progress), _ray.PruneCheckpoints(plan.metric, plan.mode),
+                 _ray.BackUpState(run_dir)]
     search_started_at = time.time()
     grid = _ray.run_search(plan, callbacks=callbacks, resume=resume)
     found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode,
@@ -344,6 +345,9 @@ def no_result(trials: list[dict[str, Any]], run_dir: str) -> str:
 
 
 def _resume_possible(plan: _ray.SearchPlan) -> bool:
+    repaired = _ray.repair_state(_ray.experiment_path(plan))  # a driver killed while Ray saved its state
+    if repaired:
+        click.echo(repaired)
     if _ray.can_resume(plan):
         return True
     click.echo(f"--resume: nothing to resume at {_ray.experiment_path(plan)}; starting a new search")
