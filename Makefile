@@ -1,9 +1,11 @@
-# make demo  : set up, then a quick search on CIFAR-10 (DATA=path for a local copy, no download)
+# make demo  : set up, then a quick search on CIFAR-10 (DATA=path for a local copy, no download;
+#              RUN=name for a second run beside the first)
 # make test  : set up, then the test suite
 VENV   ?= .venv
 PYTHON ?= python3
 DATA   ?=
 SPACE  ?= spaces/quick.yaml
+RUN    ?=
 
 .PHONY: setup demo test bench clean
 
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/tune-resnet search --space $(SPACE) $(if $(DATA),--data $(DATA))
+	$(VENV)/bin/tune-resnet search --space $(SPACE) $(if $(DATA),--data $(DATA)) $(if $(RUN),--name $(RUN))
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -81,6 +83,8 @@ class ParamSpec(BaseModel):
         kind = self.kind
         if kind in _RANGES:
             low, high = self.bounds
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise _AtKey((kind,), f"expected finite bounds, got [{_fmt(low)}, {_fmt(high)}]")
             if low > high:
                 raise _AtKey((kind,), f"expected low <= high, got [{_fmt(low)}, {_fmt(high)}]")
             if kind == "loguniform" and low <= 0:

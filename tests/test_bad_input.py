@@ -56,6 +56,9 @@ CASES = {
     "train and test classes differ": (mismatched_classes, {}, "differ"),
     "not an archive": (not_an_archive, {}, "not a readable .tar.gz/.tar/.zip archive"),
     "unknown dataset": (lambda root: write_image_folder(root), {"data": {"dataset": "mnist"}}, "unknown dataset"),
+    "a single class": (lambda root: write_image_folder(root, classes={"red": 0}), {}, "a classifier needs at least 2"),
+    "no image left to validate on": (lambda root: write_image_folder(root, train_per_class=1), {},
+                                     "leaves no validation image"),
 }
 
 
@@ -222,3 +225,63 @@ def test_mistakes_in_flags_are_one_line_too(args, message):
 def test_a_bare_group_still_shows_its_help():
     result = CliRunner().invoke(main, ["data"], prog_name="tune-resnet")
     assert "prepare" in result.output and "Error" not in result.output
+
+
+
+def test_paths_that_cannot_be_written_fail_before_any_work(tmp_path, image_folder):
+    """A file where a folder should be: --storage (also with --dry-run) and train --out are refused
+    in one line before data, Ray or training, so no finished work is lost at the save."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    space = write_space(tmp_path, image_folder)
+    for extra in ([], ["--dry-run"]):
+        result = CliRunner().invoke(main, ["search", "--space", str(space), "--storage", str(blocker / "runs"), *extra])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert result.output.startswith(f"Error: --storage: cannot write to {blocker / 'runs'}"), result.output
+    result = CliRunner().invoke(main, ["train", "--dataset", "imagefolder", "--data", str(image_folder),
+                                       "--input-size", "16", "--epochs", "1", "--out", str(blocker / "out")])
+    assert result.exit_code == 2 and "Error: --out: cannot write to" in result.output, result.output
+    assert "epoch" not in result.output  # refused before training, not after it
+
+
+def test_a_finished_search_is_not_overwritten_by_the_same_name(tmp_path, image_folder):
+    earlier = tmp_path / "runs" / "tiny"
+    earlier.mkdir(parents=True)
+    (earlier / "search.json").write_text("{}")  # what every search writes first
+    space = write_space(tmp_path, image_folder)
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--storage", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert "already holds a search; pass --resume to continue it, another --name" in result.output
+    assert sorted(p.name for p in earlier.iterdir()) == ["search.json"]
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--name", "../escape", "--dry-run"])
+    assert result.exit_code == 2 and "expected a plain folder name" in result.output, result.output
+
+
+def test_a_nan_bound_is_refused_in_one_line(tmp_path, image_folder):
+    space = write_space(tmp_path, image_folder, params={"lr": {"uniform": [float("nan"), 0.5]}})
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--dry-run"])
+    assert result.exit_code == 2 and "params.lr.uniform: expected finite bounds" in result.output, result.output
+
+
+def _damaged_run(root: Path, files: dict[str, str]) -> Path:
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("command, files, message", [
+    ("refit", {"search.json": '{"space": {"refit": ', "summary.json": "{}"}, "JSONDecodeError"),
+    ("refit", {"search.json": "[1, 2]", "summary.json": "{}"}, "TypeError"),
+    ("refit", {"search.json": '{"space": {"refit": {"epochs": 1}, "budget": {"max_epochs": 1}, '
+                              '"export": {"formats": []}}, "base_config": {}}',
+               "summary.json": '{"best_config": null, "best_val_acc": null}'}, "no trial of this search gave a result"),
+    ("status", {"search.json": "[1, 2]", "summary.json": "{}"}, "a file of the run cannot be read"),
+    ("report", {"search.json": "{}", "summary.json": "{}", "trials.parquet": "cut", "history.parquet": "cut"},
+     "a file of the run cannot be read (ArrowInvalid"),
+])
+def test_a_run_folder_with_damaged_files_is_one_line(tmp_path, command, files, message):
+    run = _damaged_run(tmp_path / "run", files)
+    result = CliRunner().invoke(main, [command, str(run)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert message in result.output and "Traceback" not in result.output

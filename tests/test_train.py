@@ -276,6 +276,8 @@ def test_every_step_the_scheduler_asks_for_is_defined(schedule: str, total_steps
     ("dropout", 1.0), ("dropout", -0.1), ("layer_decay", 0.0), ("layer_decay", 1.5), ("ema", -0.5),
     ("label_smoothing", 1.0), ("label_smoothing", -0.1), ("momentum", 1.0), ("weight_decay", -1e-4),
     ("warmup_epochs", -1.0), ("crop_padding", -4), ("cutout", -8), ("frozen_stages", -1),
+    ("lr", "hello"), ("lr", float("inf")), ("nesterov", "yes"), ("batch_size", True), ("width", 0),
+    ("width", "sixteen"), ("input_size", 4), ("arch", None),
 ])
 def test_check_config_names_the_bad_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"^{key}:") as error:

@@ -7,6 +7,7 @@ only (str, int, float, bool, None) and round-trips through JSON.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,7 @@ def check_config(config: TrainConfig) -> None:
     """Validate values that types alone do not catch; raise ValueError naming the key."""
     from .models import list_models  # torch: imported only when a config is checked
 
+    _check_types(config)
     if config.arch not in list_models():
         raise ValueError(f"arch: unknown model {config.arch!r}; expected one of {', '.join(list_models())}")
     choices = {"freeze": FREEZE_STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
@@ -87,6 +89,10 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value not in allowed:
             raise ValueError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    if config.width is not None and config.width < 1:
+        raise ValueError(f"width: expected a positive number of channels, got {config.width!r}")
+    if config.input_size < 8:
+        raise ValueError(f"input_size: expected at least 8 pixels, got {config.input_size!r}")
     positive = ("lr", "batch_size", "epochs", "input_size", "eval_batch_size")
     for key in positive:
         if not getattr(config, key) > 0:
@@ -109,3 +115,22 @@ def check_config(config: TrainConfig) -> None:
     for key in not_negative:
         if not getattr(config, key) >= 0:
             raise ValueError(f"{key}: expected a number >= 0, got {getattr(config, key)!r}")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each value of the type its field declares (an int where a float is asked is fine; a bool
+    is not a number here), and numbers finite: a YAML typo fails here, naming the key."""
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(config, field.name)
+        kinds = [k.strip() for k in str(field.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        named = [k for k in kinds if k != "None"]
+        allowed = tuple(t for k in named for t in _TYPES[k])
+        if not isinstance(value, allowed) or (isinstance(value, bool) and "bool" not in named):
+            raise ValueError(f"{field.name}: expected {' or '.join(named)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{field.name}: expected a finite number, got {value!r}")

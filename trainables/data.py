@@ -107,7 +107,11 @@ def _fingerprint(source: Path | None, input_size: int) -> str:
         for root, dirs, files in os.walk(source):
             dirs.sort()
             for name in sorted(files):
-                stat = os.stat(os.path.join(root, name))
+                try:
+                    stat = os.stat(os.path.join(root, name))
+                except OSError:  # a broken link: unreadable, skipped at decode like any such file
+                    digest.update(f"{root}/{name}|missing".encode())
+                    continue
                 digest.update(f"{root}/{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:12]
 
@@ -281,6 +285,9 @@ def make_splits(data: ImageData, *, val_fraction: float = 0.1, seed: int = 0,
     The validation split does not depend on train_subset, so every subset is scored on the same
     images. merge_val=True (the refit) trains on train + validation.
     """
+    if len(data.classes) < 2:
+        raise DataError(f"{len(data.classes)} class ({', '.join(data.classes)}) in the training images; a classifier "
+                        "needs at least 2: one folder per class, train/<class>/*")
     generator = torch.Generator().manual_seed(seed)
     labels = data.train_labels
     val_index, train_index = [], []
@@ -291,6 +298,10 @@ def make_splits(data: ImageData, *, val_fraction: float = 0.1, seed: int = 0,
         val_index.append(members[:n_val])
         train_index.append(members[n_val:])
     val_index, train_index = torch.cat(val_index), torch.cat(train_index)
+    if not merge_val and (len(val_index) == 0 or len(train_index) == 0):
+        empty = "validation" if len(val_index) == 0 else "training"
+        raise DataError(f"val_fraction {val_fraction:g} of {len(labels)} training images leaves no {empty} "
+                        f"image; use more images (at least a few per class) or another val_fraction")
     if train_subset is not None and train_subset < len(train_index):
         train_index = _stratified_subset(train_index, labels, train_subset, generator)
     if merge_val:  # nothing is left to validate on: the refit is judged by the test split alone

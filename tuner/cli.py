@@ -17,7 +17,7 @@ from trainables.config import SCHEDULES, TrainConfig, check_config
 from trainables.data import DataError, load_data, make_splits
 from trainables.finetune import PretrainedError, check_model
 
-from .search import SearchError, SearchOptions
+from .search import SearchError, SearchOptions, check_writable
 
 
 def user_errors(command):
@@ -29,10 +29,14 @@ def user_errors(command):
         except (SpaceError, DataError, PretrainedError) as error:
             raise SearchError(str(error)) from None
         except OSError as error:
-            if error.errno != errno.ENOSPC:
+            if error.errno == errno.ENOSPC:
+                raise SearchError(f"disk full writing {error.filename or 'results'}: free space, or point --storage "
+                                  "(and TUNE_RESNET_CACHE) at a larger disk, then run again with --resume") from None
+            if error.filename is None:  # not about a path the user gave: a fault, shown whole
                 raise
-            raise SearchError(f"disk full writing {error.filename or 'results'}: free space, or point --storage "
-                              "(and TUNE_RESNET_CACHE) at a larger disk, then run again with --resume") from None
+            what = error.strerror or str(error).splitlines()[0]
+            raise SearchError(f"{error.filename}: {what}; check the path and its permissions (--data, --storage, "
+                              "--out, TUNE_RESNET_CACHE)") from None
         except Exception as error:
             from ._ray import ClusterError  # imports Ray: only on this path
             if isinstance(error, ClusterError):
@@ -52,6 +56,20 @@ class OneLineErrors(click.Group):
     def invoke(self, ctx: click.Context):
         with _one_line(ctx):
             return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def run_files(folder: str):
+    """Reading a run's own files (search.json, summary.json, the parquet tables, config.json): one
+    cut off or edited by hand is a one-line error naming the folder, not a traceback."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+        if isinstance(error, (SearchError, click.ClickException)):
+            raise
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise SearchError(f"{folder}: a file of the run cannot be read ({type(error).__name__}: {detail}); it may be "
+                          "cut off or edited: restore it from a copy, or run the search again") from None
 
 
 @contextlib.contextmanager
@@ -112,16 +130,25 @@ def search(**kwargs) -> None:
 @user_errors
 def refit_command(run_dir: str, epochs: int | None) -> None:
     """Refit the best configuration of a finished search on train+val; test it once."""
-    from .refit import refit
+    from .refit import refit, refit_config
 
     record_path, summary_path = Path(run_dir, "search.json"), Path(run_dir, "summary.json")
     if not record_path.exists() or not summary_path.exists():
         raise SearchError(f"{run_dir}: no search.json/summary.json; expected the folder of a finished search")
-    record, summary = json.loads(record_path.read_text()), json.loads(summary_path.read_text())
-    space = record["space"]
-    refit(run_dir, base=record["base_config"], best_config=summary["best_config"],
-          epochs=epochs or space["refit"]["epochs"] or space["budget"]["max_epochs"],
-          val_acc=summary["best_val_acc"], formats=space["export"]["formats"])
+    with run_files(run_dir):
+        record, summary = json.loads(record_path.read_text()), json.loads(summary_path.read_text())
+        space, base, best = record["space"], record["base_config"], summary["best_config"]
+        epochs = epochs or space["refit"]["epochs"] or space["budget"]["max_epochs"]
+        val_acc, formats = summary["best_val_acc"], space["export"]["formats"]
+    if best is None:
+        raise SearchError(f"{run_dir}: no trial of this search gave a result, so there is nothing to refit")
+    try:  # the config the refit would train, checked before it starts
+        config = refit_config(base, best, epochs)
+        check_config(config)
+        check_model(config)
+    except (TypeError, ValueError) as error:
+        raise SearchError(f"{run_dir}: the best configuration cannot be trained: {error}") from None
+    refit(run_dir, base=base, best_config=best, epochs=epochs, val_acc=val_acc, formats=formats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +193,7 @@ def train(config_file: str | None, refit: bool, out_dir: str, **flags) -> None:
     from trainables.run import run_training
 
     config = _train_config(config_file, flags)
+    check_writable(out_dir, "--out")  # before training: hours of it must not be lost at the save
     with tqdm(total=config.epochs, desc=config.arch, unit="epoch") as bar:
         def on_epoch(m):
             bar.set_postfix(loss=f"{m.train_loss:.3f}", val_acc=f"{m.val_acc:.4f}", img_s=f"{m.train_images_per_sec:.0f}")
@@ -242,7 +270,8 @@ def export_command(run_dir: str, formats: str) -> None:
     from .export import ExportError, export_model
 
     try:
-        written = export_model(run_dir, formats=formats)
+        with run_files(run_dir):
+            written = export_model(run_dir, formats=formats)
     except ExportError as error:
         raise SearchError(str(error)) from None
     folder = next(iter(written.values())).parent
@@ -290,7 +319,8 @@ def report_command(run_dir: str) -> None:
     """Write RUN_DIR/report.html (plots in RUN_DIR/report/) and RUN_DIR/optuna.journal."""
     from .report import write_report
 
-    path, notes = write_report(run_dir)
+    with run_files(run_dir):
+        path, notes = write_report(run_dir)
     for note in notes:
         click.echo(f"left out: {note}")
     click.echo(f"report: {path} (opens offline); Optuna study: optuna-dashboard {Path(run_dir, 'optuna.journal')}")
@@ -298,11 +328,14 @@ def report_command(run_dir: str) -> None:
 
 @main.command("status")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@user_errors
 def status_command(run_dir: str) -> None:
     """One screen on a search, running or finished, read from its folder (safe from another shell)."""
     from .status import format_status, read_status
 
-    for line in format_status(read_status(run_dir)):
+    with run_files(run_dir):
+        lines = format_status(read_status(run_dir))
+    for line in lines:
         click.echo(line)
 
 

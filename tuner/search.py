@@ -19,7 +19,7 @@ import click
 from search_spaces import SearchSpec, build_sampler, load_space
 from trainables.config import (AUGMENTS, FREEZE_STRATEGIES, OPTIMIZERS, SCHEDULES, STEMS, TrainConfig,
                                check_config, field_names)
-from trainables.data import load_data
+from trainables.data import load_data, make_splits
 from trainables.finetune import PretrainedError, check_model, model_config_of
 from trainables.models import count_macs, create_model, list_models
 
@@ -140,6 +140,21 @@ def _fails_alike(base: dict[str, Any], error: Exception) -> bool:
     except (TypeError, ValueError) as own:
         return str(own) == str(error)
     return False
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """A folder the command will write: it, or the nearest folder above it that exists, must be a
+    writable folder, so that no finished work is lost for want of somewhere to put it."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise SearchError(f"{flag}: {path} is a file; expected a folder to write into")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:  # the real test (permission bits do not tell for root, /proc, read-only mounts): a folder made and removed
+        os.rmdir(tempfile.mkdtemp(prefix=".tune-resnet-write-test-", dir=existing))
+    except OSError as error:
+        raise SearchError(f"{flag}: cannot write to {path} ({existing}: {error.strerror or error}); "
+                          "pass a folder you can write to") from None
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +310,21 @@ def run(options: SearchOptions) -> dict[str, Any]:
     spec = load_spec(options)
     base = base_config(spec)
     check_params(spec, base)
+    name = options.name or spec.name
+    if "/" in name or "\\" in name or name in (".", ".."):
+        raise SearchError(f"--name {name!r}: expected a plain folder name, the run's folder inside --storage")
+    if "://" not in options.storage:
+        check_writable(storage_root(options.storage), "--storage")
+        folder = Path(storage_root(options.storage)) / name
+        if not options.resume and (folder / "search.json").exists():  # a search ran there: keep it
+            raise SearchError(f"--name {name}: {folder} already holds a search; pass --resume to continue it, "
+                              "another --name for a new one, or remove the folder")
     if options.dry_run:
         dry_run(spec, options)
         return {}
     data = load_data(base["dataset"], base["data_path"], input_size=base["input_size"])
+    make_splits(data, val_fraction=base["val_fraction"], seed=base["seed"],  # a split every trial can use
+                train_subset=base["train_subset"])
     click.echo(f"data: {len(data.train_labels)} train / {len(data.test_labels)} test images, "
                f"{len(data.classes)} classes, {data.image_size}px (cache {data.cache_path})")
     # Ray detects the GPUs itself (declaring --gpus would invent GPUs a CPU machine lacks);
