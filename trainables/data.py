@@ -285,9 +285,8 @@ def make_splits(data: ImageData, *, val_fraction: float = 0.1, seed: int = 0,
     The validation split does not depend on train_subset, so every subset is scored on the same
     images. merge_val=True (the refit) trains on train + validation.
     """
-    if len(data.classes) < 2:
-        raise DataError(f"{len(data.classes)} class ({', '.join(data.classes)}) in the training images; a classifier "
-                        "needs at least 2: one folder per class, train/<class>/*")
+    if not merge_val:
+        check_splits(data, val_fraction=val_fraction)
     generator = torch.Generator().manual_seed(seed)
     labels = data.train_labels
     val_index, train_index = [], []
@@ -298,10 +297,6 @@ def make_splits(data: ImageData, *, val_fraction: float = 0.1, seed: int = 0,
         val_index.append(members[:n_val])
         train_index.append(members[n_val:])
     val_index, train_index = torch.cat(val_index), torch.cat(train_index)
-    if not merge_val and (len(val_index) == 0 or len(train_index) == 0):
-        empty = "validation" if len(val_index) == 0 else "training"
-        raise DataError(f"val_fraction {val_fraction:g} of {len(labels)} training images leaves no {empty} "
-                        f"image; use more images (at least a few per class) or another val_fraction")
     if train_subset is not None and train_subset < len(train_index):
         train_index = _stratified_subset(train_index, labels, train_subset, generator)
     if merge_val:  # nothing is left to validate on: the refit is judged by the test split alone
@@ -310,6 +305,20 @@ def make_splits(data: ImageData, *, val_fraction: float = 0.1, seed: int = 0,
     mean, std = channel_stats(train_images)
     return Splits(train_images, labels[train_index], data.train_images[val_index], labels[val_index],
                   data.classes, mean, std)
+
+
+def check_splits(data: ImageData, *, val_fraction: float) -> None:
+    """Data a classifier can be trained and validated on, from the counts alone (no copy):
+    two classes or more, and images on both sides of the validation split."""
+    if len(data.classes) < 2:
+        raise DataError(f"{len(data.classes)} class ({', '.join(data.classes)}) in the training images; a classifier "
+                        "needs at least 2: one folder per class, train/<class>/*")
+    counts = data.train_labels.bincount(minlength=len(data.classes)).tolist()
+    n_val = sum(round(n * val_fraction) for n in counts)  # as make_splits rounds, class by class
+    if n_val == 0 or n_val == sum(counts):
+        empty = "validation" if n_val == 0 else "training"
+        raise DataError(f"val_fraction {val_fraction:g} of {sum(counts)} training images leaves no {empty} "
+                        f"image; use more images (at least a few per class) or another val_fraction")
 
 
 def _stratified_subset(index: torch.Tensor, labels: torch.Tensor, size: int,

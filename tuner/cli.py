@@ -65,8 +65,6 @@ def run_files(folder: str):
     try:
         yield
     except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
-        if isinstance(error, (SearchError, click.ClickException)):
-            raise
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise SearchError(f"{folder}: a file of the run cannot be read ({type(error).__name__}: {detail}); it may be "
                           "cut off or edited: restore it from a copy, or run the search again") from None

@@ -19,7 +19,7 @@ import click
 from search_spaces import SearchSpec, build_sampler, load_space
 from trainables.config import (AUGMENTS, FREEZE_STRATEGIES, OPTIMIZERS, SCHEDULES, STEMS, TrainConfig,
                                check_config, field_names)
-from trainables.data import load_data, make_splits
+from trainables.data import check_splits, load_data
 from trainables.finetune import PretrainedError, check_model, model_config_of
 from trainables.models import count_macs, create_model, list_models
 
@@ -323,8 +323,7 @@ def run(options: SearchOptions) -> dict[str, Any]:
         dry_run(spec, options)
         return {}
     data = load_data(base["dataset"], base["data_path"], input_size=base["input_size"])
-    make_splits(data, val_fraction=base["val_fraction"], seed=base["seed"],  # a split every trial can use
-                train_subset=base["train_subset"])
+    check_splits(data, val_fraction=base["val_fraction"])  # a split every trial can use
     click.echo(f"data: {len(data.train_labels)} train / {len(data.test_labels)} test images, "
                f"{len(data.classes)} classes, {data.image_size}px (cache {data.cache_path})")
     # Ray detects the GPUs itself (declaring --gpus would invent GPUs a CPU machine lacks);
