@@ -321,16 +321,33 @@ def test_export_command_reexports_a_run_folder(trained, expected, tmp_path: Path
     assert result.exit_code == 0 and _parse(result.stdout, "csv")[path][0][0] == expected[path]
 
 
-@pytest.mark.parametrize("problem", ["missing", "no config", "bad format", "no onnx export"])
+def _edit_config(model_dir: Path, edit) -> Path:
+    meta = json.loads((model_dir / "config.json").read_text())
+    edit(meta)
+    (model_dir / "config.json").write_text(json.dumps(meta))
+    return model_dir
+
+
+@pytest.mark.parametrize("problem", ["missing", "no config", "bad format", "no onnx export", "classes cut",
+                                     "size as text", "config key gone"])
 def test_user_mistakes_end_in_one_line_and_exit_2(trained, image_folder: Path, tmp_path: Path, problem: str) -> None:
     image = next((image_folder / "test").rglob("*.png"))
     model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
     (model_dir / "model.onnx").unlink()
+    if problem == "classes cut":  # config.json edited by hand
+        _edit_config(model_dir, lambda meta: meta.update(classes=meta["classes"][:1]))
+    elif problem == "size as text":
+        _edit_config(model_dir, lambda meta: meta["config"].update(input_size=str(meta["config"]["input_size"])))
+    elif problem == "config key gone":
+        _edit_config(model_dir, lambda meta: meta.pop("mean"))
     args, message = {
         "missing": (["predict", "--model", tmp_path / "nope", image], "does not exist"),
         "no config": (["predict", "--model", image_folder, image], "has no config.json"),
         "bad format": (["export", model_dir, "--formats", "onnx,tflite"], "formats: expected"),
         "no onnx export": (["predict", "--model", model_dir, image, "--runtime", "onnx"], "tune-resnet export"),
+        "classes cut": (["predict", "--model", model_dir, image], "expected one name per class"),
+        "size as text": (["predict", "--model", model_dir, image], "input_size: expected int"),
+        "config key gone": (["export", model_dir], "missing mean"),
     }[problem]
     result = _run(*args)
     assert result.exit_code == 2

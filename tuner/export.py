@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainables.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from trainables.config import TrainConfig
+from trainables.config import TrainConfig, check_config
 from trainables.models import ResNet, count_macs, count_parameters, create_model
 from trainables.run import METRICS_FILE
 
@@ -74,13 +74,16 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 def read_meta(model_dir: Path) -> dict[str, Any]:
     try:
         meta = json.loads((model_dir / CONFIG_FILE).read_text())
-        TrainConfig.from_dict(meta["config"])
+        check_config(TrainConfig.from_dict(meta["config"]))  # types too: a hand-edited "32" is no size
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ExportError(f"{model_dir / CONFIG_FILE}: not a tune-resnet model config ({error!r})") from None
     missing = [key for key in ("classes", "num_classes", "mean", "std") if key not in meta]
     if missing:
         raise ExportError(f"{model_dir / CONFIG_FILE}: missing {', '.join(missing)}; "
                           "expected a tune-resnet model config")
+    if not isinstance(meta["classes"], list) or len(meta["classes"]) != meta["num_classes"]:
+        raise ExportError(f"{model_dir / CONFIG_FILE}: {len(meta['classes'])} class names for "
+                          f"num_classes {meta['num_classes']}; expected one name per class (re-export the model)")
     return meta
 
 
