@@ -264,6 +264,16 @@ def test_predict_with_nothing_readable_exits_2(trained, tmp_path: Path) -> None:
     assert result.stderr.count("skipped") == 2
 
 
+def test_a_folder_of_many_unreadable_files_is_counted_not_listed(trained, tmp_path: Path) -> None:
+    for i in range(25):
+        (tmp_path / f"notes_{i:02d}.jpg").write_text("not an image")
+    result = _run("predict", "--model", trained.model_dir, tmp_path)
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and len(lines) == 12, result.stderr  # 10 named, a count, the error
+    assert lines[10] == "skipped 15 more unreadable files"
+    assert lines[11].startswith("Error: no image could be read") and "25 unreadable" in lines[11]
+
+
 # ---------------------------------------------------------------------------------------------
 # Safety: no pickle is ever trusted
 # ---------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def _train_config(config_file: str | None, flags: dict) -> TrainConfig:
         try:
             values = yaml.safe_load(Path(config_file).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise SearchError(f"--config: cannot read {config_file}: {str(error).splitlines()[0]}") from None
+            raise SearchError(f"--config: cannot read {config_file}: {error}") from None  # with line and column
         if not isinstance(values, dict):
             raise SearchError(f"--config: {config_file}: expected a mapping of training-config keys")
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -277,6 +277,9 @@ def export_command(run_dir: str, formats: str) -> None:
                f"+ labels.txt, README.md to {folder}")
 
 
+SKIPS_SHOWN = 10
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(),
               help="Model folder (RUN_DIR/best, train --out) or a search's RUN_DIR.")
@@ -293,16 +296,23 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, output_format: 
     from .export import ExportError
     from .predict import format_predictions, predict as predict_images
 
-    def skipped(path: Path, why: str) -> None:
-        click.echo(f"skipped {path}: {why}", err=True)
+    skips = []
+
+    def skipped(path: Path, why: str) -> None:  # the first few named; a folder of 10,000 is one count
+        skips.append(path)
+        if len(skips) <= SKIPS_SHOWN:
+            click.echo(f"skipped {path}: {why}", err=True)
 
     try:
         found = predict_images(model_dir, images, top_k=top_k, runtime=runtime, batch_size=batch_size,
                                on_skip=skipped)
     except ExportError as error:
         raise SearchError(str(error)) from None
+    if len(skips) > SKIPS_SHOWN:
+        click.echo(f"skipped {len(skips) - SKIPS_SHOWN} more unreadable files", err=True)
     if not found:
-        raise SearchError(f"no image could be read among {', '.join(images)}")
+        raise SearchError(f"no image could be read among {', '.join(images)}: {len(skips)} unreadable "
+                          "(expected image files: JPEG, PNG, ...)")
     click.echo(format_predictions(found, output_format))
 
 

@@ -13,6 +13,7 @@ import datetime
 import html
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,10 +179,13 @@ def write_journal(run: Run) -> Path:
     from optuna.storages.journal import JournalFileBackend
 
     path = run.folder / JOURNAL_FILE
-    path.unlink(missing_ok=True)
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    fresh = path.with_name(f".{JOURNAL_FILE}.new")  # built aside: a failure keeps the journal there was
+    fresh.unlink(missing_ok=True)
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(fresh)))
     study = build_study(run, storage)
     study.set_user_attr("run_dir", str(run.folder.resolve()))
+    del study, storage  # the backend holds no open file between writes; replace it now
+    os.replace(fresh, path)
     return path
 
 
