@@ -271,3 +271,16 @@ def test_status_of_a_folder_that_is_no_search_is_one_line(tmp_path):
     code, output = invoke("status", str(tmp_path))
     assert code == 2
     assert len(output.strip().splitlines()) == 1 and "expected the run folder of a search" in output
+
+
+def test_status_never_unpickles_the_run_folders_files(tmp_path):
+    """A run folder may come from anyone: a tuner.pkl that would run a command when unpickled is
+    left alone (the budget comes from search.json only)."""
+    run = tmp_path / "someone-elses"
+    write_trial_folder(run, "aaaa0001", [0.5, 0.7], T0)
+    marker = tmp_path / "ran"
+    (run / "tuner.pkl").write_bytes(f"cos\nsystem\n(S'touch {marker}'\ntR.".encode())
+    code, output = invoke("status", str(run))
+    assert code == 0, output
+    assert "planned count unknown" in output
+    assert not marker.exists()

@@ -67,30 +67,14 @@ class SearchStatus:
 # ---------------------------------------------------------------------------------------------
 
 def read_budget(folder: Path) -> Budget:
-    """From search.json (written when the search ends) or Ray's tuner.pkl (written when it starts)."""
+    """From search.json, which a search writes before its first trial. Ray's tuner.pkl holds the
+    same, but it is a pickle: unpickling a folder's file could run anything, so it is never read."""
     record = _json(folder / "search.json")
-    if record:
-        budget = record.get("space", {}).get("budget", {})
-        return Budget(record.get("metric", "val_acc"), record.get("mode", "max"),
-                      budget.get("num_samples"), record.get("max_epochs") or budget.get("max_epochs"))
-    return _budget_from_tuner_pkl(folder / "tuner.pkl") or Budget()
-
-
-def _budget_from_tuner_pkl(path: Path) -> Budget | None:
-    """Best effort: Ray pickles the TuneConfig (num_samples, the ASHA scheduler with its max_t)
-    in tuner.pkl. Unpickling needs Ray importable; any failure just leaves the budget unknown."""
-    if not path.is_file():
-        return None
-    try:
-        import pickle
-
-        state = pickle.loads(path.read_bytes())  # our own search's file, written by Ray's Tuner
-        config = state["_tune_config"]
-        scheduler = config.scheduler
-        return Budget(getattr(scheduler, "_metric", None) or "val_acc", getattr(scheduler, "_mode", None) or "max",
-                      config.num_samples, getattr(scheduler, "_max_t", None))
-    except Exception:
-        return None
+    if not record:
+        return Budget()
+    budget = record.get("space", {}).get("budget", {})
+    return Budget(record.get("metric", "val_acc"), record.get("mode", "max"),
+                  budget.get("num_samples"), record.get("max_epochs") or budget.get("max_epochs"))
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -289,7 +273,7 @@ def format_status(status: SearchStatus, now: float | None = None) -> list[str]:
     state = ("finished" if status.finished else "running" if live
              else "trials done, tables not written yet (refitting, or the search was stopped)")
     updated = f", last update {_clock(now - status.last_update)} ago" if status.last_update else ""
-    planned = f"{budget.num_samples} planned" if budget.num_samples else "planned count unknown (no search.json, no readable tuner.pkl)"
+    planned = f"{budget.num_samples} planned" if budget.num_samples else "planned count unknown (no readable search.json)"
     lines = [f"run {status.folder}: {state}{updated}",
              f"trials: {planned} | " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ALWAYS_SHOWN)]
     best = best_so_far(status)
