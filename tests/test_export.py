@@ -400,3 +400,13 @@ def test_refit_exports_and_keeps_the_search_figures(image_folder: Path, tiny_con
     assert (best / "labels.txt").read_text().splitlines() == ["blue", "green", "red"]
     assert "Search validation accuracy (best trial): 0.7500" in (best / "README.md").read_text()
     assert not (best / "model.onnx").exists()
+
+
+def test_export_with_a_cut_off_metrics_file_changes_nothing(trained, tmp_path: Path) -> None:
+    model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
+    (model_dir / "metrics.json").write_text('{"test_acc": 0.9, "cut')
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    result = _run("export", model_dir)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert "metrics.json: cut off or edited" in result.output
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before  # no export half-written

@@ -14,7 +14,7 @@ import yaml
 
 from search_spaces import SpaceError
 from trainables.config import SCHEDULES, TrainConfig, check_config
-from trainables.data import DataError, load_data, make_splits
+from trainables.data import DataError, check_splits, load_data, make_splits
 from trainables.finetune import PretrainedError, check_model
 
 from .search import SearchError, SearchOptions, check_writable
@@ -192,11 +192,14 @@ def train(config_file: str | None, refit: bool, out_dir: str, **flags) -> None:
 
     config = _train_config(config_file, flags)
     check_writable(out_dir, "--out")  # before training: hours of it must not be lost at the save
+    data = load_data(config.dataset, config.data_path, input_size=config.input_size)  # its errors before the bar
+    if not refit:
+        check_splits(data, val_fraction=config.val_fraction)
     with tqdm(total=config.epochs, desc=config.arch, unit="epoch") as bar:
         def on_epoch(m):
             bar.set_postfix(loss=f"{m.train_loss:.3f}", val_acc=f"{m.val_acc:.4f}", img_s=f"{m.train_images_per_sec:.0f}")
             bar.update()
-        metrics = run_training(config, out_dir=out_dir, refit=refit, on_epoch=on_epoch)
+        metrics = run_training(config, out_dir=out_dir, data=data, refit=refit, on_epoch=on_epoch)
     shown = {k: metrics.get(k) for k in ("epochs", "val_acc", "val_loss", "test_acc", "train_images_per_sec")}
     click.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items() if v is not None))
     click.echo(f"saved to {Path(out_dir).resolve()}")
@@ -267,11 +270,11 @@ def export_command(run_dir: str, formats: str) -> None:
     """Export a model folder (or RUN_DIR/best) for use without tune-resnet; write a model card."""
     from .export import ExportError, export_model
 
-    try:
-        with run_files(run_dir):
+    with run_files(run_dir):
+        try:
             written = export_model(run_dir, formats=formats)
-    except ExportError as error:
-        raise SearchError(str(error)) from None
+        except ExportError as error:  # (a ValueError: its own message, not run_files' one)
+            raise SearchError(str(error)) from None
     folder = next(iter(written.values())).parent
     click.echo(f"exported {', '.join(f'{name} ({path.name})' for name, path in written.items())} "
                f"+ labels.txt, README.md to {folder}")

@@ -168,6 +168,7 @@ def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_
     formats = parse_formats(formats)
     model_dir = resolve_model_dir(model_dir)
     model, meta = load_model(model_dir)
+    earlier = _read_metrics(model_dir)  # read before anything is written: a bad file changes nothing
     wrapped = RawPixelModel(model, meta["mean"], meta["std"]).eval()
     size = meta["config"]["input_size"]
     # two images: nothing in the graph may specialise to a batch of one
@@ -183,7 +184,8 @@ def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_
         written[name] = model_dir / FILES[name]
     stats = {"parameters": count_parameters(model), "macs_per_image": count_macs(model, size)}
     meta = _update_config(model_dir, meta, model, formats, stats)
-    metrics = _update_metrics(model_dir, stats)
+    metrics = {**earlier, **stats}  # parameters and MACs added; search val_acc, test figures kept
+    _write_json(model_dir / METRICS_FILE, metrics)
     (model_dir / LABELS_FILE).write_text("".join(f"{name}\n" for name in meta["classes"]))
     (model_dir / CARD_FILE).write_text(model_card(meta, metrics))
     return written
@@ -221,12 +223,16 @@ def _update_config(model_dir: Path, meta: dict[str, Any], model: ResNet, formats
     return meta
 
 
-def _update_metrics(model_dir: Path, stats: dict[str, int]) -> dict[str, Any]:
-    """Adds parameters and MACs; everything there already (search val_acc, test figures) stays."""
+def _read_metrics(model_dir: Path) -> dict[str, Any]:
     path = model_dir / METRICS_FILE
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    metrics.update(stats)
-    _write_json(path, metrics)
+    try:
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as error:
+        raise ExportError(f"{path}: cut off or edited ({first_line(error)}); restore it, or delete it to "
+                          "export without the search and test figures") from None
+    if not isinstance(metrics, dict):
+        raise ExportError(f"{path}: expected a JSON object; restore it, or delete it to export without the "
+                          "search and test figures")
     return metrics
 
 

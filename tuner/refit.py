@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from trainables.checkpoint import load_checkpoint
 from trainables.config import TrainConfig
+from trainables.data import load_data
 from trainables.run import run_training
 
 from .export import DEFAULT_FORMATS, ExportError, export_model
@@ -37,12 +38,13 @@ def refit(run_dir: str, *, base: dict[str, Any], best_config: dict[str, Any], ep
     config = refit_config(base, best_config, epochs)
     out = Path(run_dir) / BEST_DIR
     initial = load_checkpoint(warm_start_from)["model"] if warm_start_from else None
+    data = load_data(config.dataset, config.data_path, input_size=config.input_size)  # its errors come first
     click.echo(f"refit: {config.arch} on train + validation for {epochs} epochs -> {out}")
     with tqdm(total=epochs, desc="refit", unit="epoch", leave=False) as bar:
         def on_epoch(metrics):
             bar.set_postfix(train_loss=f"{metrics.train_loss:.3f}", img_s=f"{metrics.train_images_per_sec:.0f}")
             bar.update()
-        metrics = run_training(config, out_dir=out, refit=True, on_epoch=on_epoch, initial_state=initial)
+        metrics = run_training(config, out_dir=out, data=data, refit=True, on_epoch=on_epoch, initial_state=initial)
     metrics["search_val_acc"] = val_acc
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     searched = f" (search val_acc {val_acc:.4f})" if val_acc is not None else ""
