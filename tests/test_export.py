@@ -410,3 +410,10 @@ def test_export_with_a_cut_off_metrics_file_changes_nothing(trained, tmp_path: P
     assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
     assert "metrics.json: cut off or edited" in result.output
     assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before  # no export half-written
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_predict_skips_a_named_pipe_instead_of_waiting_on_it(trained, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")
+    result = _run("predict", "--model", trained.model_dir, tmp_path / "pipe.jpg")
+    assert result.exit_code == 2 and "skipped" in result.stderr and "not a regular file" in result.stderr

@@ -59,6 +59,8 @@ def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
 
 def _decode(path: Path, size: int) -> np.ndarray | str:
     """(size, size, 3) uint8, or why the file could not be read."""
+    if path.exists() and not path.is_file():  # a pipe or a device: reading it could wait forever
+        return "not a regular file"
     try:
         return decode_image(path, size)
     except UnidentifiedImageError:
