@@ -287,12 +287,6 @@ def test_a_run_folder_with_damaged_files_is_one_line(tmp_path, command, files, m
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_a_key_in_both_params_and_fixed_is_refused(tmp_path, image_folder):
-    space = write_space(tmp_path, image_folder, params={"lr": {"loguniform": [0.01, 0.1]}, "depth": {"choice": [8, 14]}})
-    result = CliRunner().invoke(main, ["search", "--space", str(space), "--dry-run"])  # fixed has depth: 8
-    assert result.exit_code == 2 and "depth is in both params and fixed; keep it in one" in result.output, result.output
-
-
 def test_train_config_yaml_error_says_where(tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("arch: resnet20\nlr: [0.1\n")

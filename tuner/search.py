@@ -91,10 +91,6 @@ def load_spec(options: SearchOptions) -> SearchSpec:
 
 def base_config(spec: SearchSpec) -> dict[str, Any]:
     """Everything a trial gets besides its sampled params; paths made absolute before Ray starts."""
-    both = sorted(set(spec.fixed) & set(spec.params))
-    if both:  # which would win is not for the user to guess
-        raise SearchError(f"{getattr(spec, '_source', spec.name)}: {both[0]} is in both params and fixed; "
-                          "keep it in one: params to search it, fixed to hold it")
     data_path = str(Path(spec.data.path).expanduser().resolve()) if spec.data.path else None
     pretrained = spec.model.pretrained
     if pretrained and not pretrained.startswith("torchvision"):
