@@ -293,3 +293,13 @@ def test_train_config_yaml_error_says_where(tmp_path):
     result = CliRunner().invoke(main, ["train", "--config", str(config)])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "line 2" in result.output, result.output
+
+
+@pytest.mark.parametrize("data, message", [("missing", "does not exist"), ("mnist", "unknown dataset")])
+def test_dry_run_checks_the_data_source_too(tmp_path, image_folder, data, message):
+    edits = ({"data": {"path": str(tmp_path / "missing")}} if data == "missing"
+             else {"data": {"dataset": "mnist"}})
+    space = write_space(tmp_path, image_folder, **edits)
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--dry-run"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert message in result.output

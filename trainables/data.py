@@ -120,6 +120,12 @@ def _fingerprint(source: Path | None, input_size: int) -> str:
 # Sources
 # ---------------------------------------------------------------------------------------------
 
+def check_source(dataset: str, data_path: str | os.PathLike | None) -> None:
+    """A known dataset and, where one is given, a path that exists: what --dry-run can tell
+    without reading any image."""
+    _resolve_source(dataset, data_path)
+
+
 def _resolve_source(dataset: str, data_path: str | os.PathLike | None) -> Path | None:
     if dataset not in (*CIFAR, "imagefolder"):
         raise DataError(f"dataset: unknown dataset {dataset!r}; expected cifar10, cifar100 or imagefolder")

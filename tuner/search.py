@@ -19,7 +19,7 @@ import click
 from search_spaces import SearchSpec, build_sampler, load_space
 from trainables.config import (AUGMENTS, FREEZE_STRATEGIES, OPTIMIZERS, SCHEDULES, STEMS, TrainConfig,
                                check_config, field_names)
-from trainables.data import check_splits, load_data
+from trainables.data import check_source, check_splits, load_data
 from trainables.finetune import PretrainedError, check_model, model_config_of
 from trainables.models import count_macs, create_model, list_models
 
@@ -310,6 +310,7 @@ def run(options: SearchOptions) -> dict[str, Any]:
     spec = load_spec(options)
     base = base_config(spec)
     check_params(spec, base)
+    check_source(base["dataset"], base["data_path"])
     name = options.name or spec.name
     if "/" in name or "\\" in name or name in (".", ".."):
         raise SearchError(f"--name {name!r}: expected a plain folder name, the run's folder inside --storage")
