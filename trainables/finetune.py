@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 from .config import TrainConfig
 from .models import IMAGENET_ARCHS, ResNet, create_model, resolve_stem
 
@@ -44,10 +45,24 @@ def model_config_of(config: TrainConfig) -> TrainConfig:
     elif config.pretrained.startswith("torchvision"):
         resolved = config.replace(arch=_torchvision_arch(config), width=None)
     else:
-        saved = TrainConfig.from_dict(_load_pretrained(config.pretrained)["config"])
+        saved = TrainConfig.from_dict(_saved_config(config.pretrained, _stamp(config.pretrained)))
         resolved = config.replace(arch=saved.arch, depth=saved.depth, width=saved.width,
                                   stem=resolve_stem(saved.arch, saved.stem, saved.input_size))
     return resolved.replace(stem=resolve_stem(resolved.arch, resolved.stem, resolved.input_size))
+
+
+def _stamp(path: str) -> tuple:
+    """What changes when the files a checkpoint is read from do: the pre-trial check's cache key."""
+    found = Path(path).expanduser()
+    files = [found / name for name in (CHECKPOINT_FILE, WEIGHTS_FILE, CONFIG_FILE)] if found.is_dir() else [found]
+    return tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files)
+
+
+@functools.lru_cache(maxsize=8)
+def _saved_config(path: str, stamp: tuple) -> dict:
+    """A pretrained run's config, read once per file version: the pre-trial check asks for it for
+    every edge of every param, and a ResNet-18 checkpoint is tens of MB."""
+    return _load_pretrained(path)["config"]
 
 
 PRETRAINED_EXPECTED = "expected a run folder with checkpoint.pt or weights.safetensors + config.json written by tune-resnet"
