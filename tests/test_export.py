@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 import trainables.run as run_module
 from trainables.checkpoint import CHECKPOINT_FILE, load_checkpoint
@@ -417,3 +418,32 @@ def test_predict_skips_a_named_pipe_instead_of_waiting_on_it(trained, tmp_path: 
     os.mkfifo(tmp_path / "pipe.jpg")
     result = _run("predict", "--model", trained.model_dir, tmp_path / "pipe.jpg")
     assert result.exit_code == 2 and "skipped" in result.stderr and "not a regular file" in result.stderr
+
+
+def test_an_export_that_fails_partway_changes_nothing(trained, tmp_path: Path, monkeypatch) -> None:
+    """TorchScript is made first; when the ONNX exporter then fails, the folder keeps its earlier
+    model.ts and config.json (the files a reader pairs), and no staged file is left behind."""
+    model_dir = shutil.copytree(trained.model_dir, tmp_path / "best")
+    weights = model_dir / "weights.safetensors"
+    before = {path.name: path.read_bytes() for path in model_dir.iterdir()}
+    # new weights (as after another refit), so a new model.ts would differ from the old one
+    save_file({k: v + 0.5 if v.is_floating_point() else v for k, v in load_file(weights).items()}, weights)
+
+    def broken_exporter(model, args, path, **kwargs):
+        Path(path).write_bytes(b"half an onnx file")
+        raise RuntimeError("Exporting the operator 'aten::mystery' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_exporter)
+    result = _run("export", model_dir, "--formats", "torchscript,onnx")
+    assert result.exit_code == 2, result.output
+    assert "onnx export of" in result.output and "aten::mystery" in result.output
+    assert "earlier files are unchanged" in result.output
+    assert "Traceback" not in result.output
+    after = {path.name: path.read_bytes() for path in model_dir.iterdir() if path.name != "weights.safetensors"}
+    assert after == {name: data for name, data in before.items() if name != "weights.safetensors"}
+    monkeypatch.undo()
+    result = _run("export", model_dir, "--formats", "torchscript,onnx")  # the exporter works again: all swapped in
+    assert result.exit_code == 0, result.output
+    assert (model_dir / "model.ts").read_bytes() != before["model.ts"]
+    assert (model_dir / "model.onnx").read_bytes() != before["model.onnx"]
+    assert not list(model_dir.glob(".*.tmp*"))

@@ -123,32 +123,30 @@ def parse_formats(text: str | Iterable[str]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writers: one per format, each atomic (a crash mid-write leaves the old file)
+# Writers: one per format, each to the path it is given (export_model stages them all, then
+# swaps them in together: a failure or crash mid-export leaves the old files and config)
 # ---------------------------------------------------------------------------------------------
 
 def _write_torchscript(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():  # torch >= 2.10 marks torch.jit deprecated; it still saves and loads
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, _tmp(path))
-    os.replace(_tmp(path), path)
+        torch.jit.save(traced, path)
 
 
 def _write_onnx(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
     # dynamo=False: the TorchScript-based exporter needs neither onnxscript nor a network
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(_tmp(path)), dynamo=False, opset_version=ONNX_OPSET,
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    os.replace(_tmp(path), path)
 
 
 def _write_pt2(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, _tmp(path))
-    os.replace(_tmp(path), path)
+    torch.export.save(program, path)
 
 
 def _tmp(path: Path) -> Path:
@@ -173,15 +171,21 @@ def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_
     size = meta["config"]["input_size"]
     # two images: nothing in the graph may specialise to a batch of one
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
-    written = {}
-    for name in formats:
-        if name in WRITERS:
+    written = {name: model_dir / FILES[name] for name in formats}
+    staged = [name for name in formats if name in WRITERS]
+    try:
+        for name in staged:
             try:
-                WRITERS[name](wrapped, example, model_dir / FILES[name])
+                WRITERS[name](wrapped, example, _tmp(written[name]))
             except Exception as error:  # a missing exporter dependency, an unsupported operator, ...
-                _tmp(model_dir / FILES[name]).unlink(missing_ok=True)
-                raise ExportError(f"{name} export of {model_dir} failed: {first_line(error)}") from None
-        written[name] = model_dir / FILES[name]
+                raise ExportError(f"{name} export of {model_dir} failed: {first_line(error)}; "
+                                  "the folder's earlier files are unchanged") from None
+    except BaseException:
+        for name in staged:
+            _tmp(written[name]).unlink(missing_ok=True)
+        raise
+    for name in staged:  # every format made: now swap them in, then the config that lists them
+        os.replace(_tmp(written[name]), written[name])
     stats = {"parameters": count_parameters(model), "macs_per_image": count_macs(model, size)}
     meta = _update_config(model_dir, meta, model, formats, stats)
     metrics = {**earlier, **stats}  # parameters and MACs added; search val_acc, test figures kept
