@@ -102,6 +102,39 @@ def test_address_with_no_cluster_fails_fast(tmp_path, image_folder):
     assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("server", ["http", "silent"])
+def test_address_of_something_that_is_not_ray_fails_fast(tmp_path, image_folder, server):
+    """A port that answers but is no Ray head (a web server; a server that never speaks): one line,
+    at once, where ray.init would print C++ warnings and retry for minutes."""
+    import http.server
+    import socketserver
+    import threading
+
+    if server == "http":
+        listener = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    else:
+        class Silent(socketserver.BaseRequestHandler):
+            def handle(self):
+                self.request.recv(1024)
+                threading.Event().wait(10)  # hold the connection open, say nothing
+
+        listener = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Silent)
+        listener.daemon_threads = True
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{listener.server_address[1]}"
+    space = write_space(tmp_path, image_folder)
+    try:
+        done = subprocess.run([sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage",
+                               str(tmp_path / "runs"), "--address", address],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        listener.shutdown()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"--address: {address} answers, but not as a Ray cluster" in done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr  # no Ray warnings before it
+    assert "Traceback" not in done.stderr and not (tmp_path / "runs").exists()
+
+
 def test_full_disk_is_one_line(tmp_path, image_folder, monkeypatch):
     import errno
 

@@ -72,12 +72,37 @@ def start(*, address: str | None, num_cpus: int | None, verbose: bool) -> Cluste
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse a host:port that is no Ray head before ray.init, which would retry it for minutes.
+
+    A Ray head's GCS is a gRPC server, and every gRPC server opens an HTTP/2 connection with a
+    SETTINGS frame. Anything else at the port (a web server, ssh, the dashboard's port) is told
+    apart in one round trip."""
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        conn = socket.create_connection((host, int(port)), timeout=timeout_s)
     except (OSError, ValueError) as error:
         raise ClusterError(f"--address: no Ray cluster at {address} ({error}); start one with "
                            "`ray start --head` or `ray up cluster.yaml`, or leave --address out") from None
+    head = b""
+    with conn:
+        try:
+            conn.sendall(HTTP2_PREFACE + HTTP2_EMPTY_SETTINGS)
+            while len(head) < 9:  # a frame header: length (3 bytes), type, flags, stream id (4)
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:  # reset, or silence until the timeout: no gRPC server either
+            pass
+    if len(head) < 9 or head[3] != HTTP2_SETTINGS:
+        raise ClusterError(f"--address: {address} answers, but not as a Ray cluster (a Ray head's address is "
+                           "its GCS port, 6379 unless `ray start --port` set another); check it with "
+                           "`ray status --address ADDRESS`, or use --address auto on a cluster node")
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+HTTP2_SETTINGS = 0x04
 
 
 def _describe(*, embedded: bool) -> Cluster:
