@@ -112,13 +112,13 @@ def main() -> None:
     hand_loop = HandWrittenLoop(splits, config, device)
     ema_seconds = [0.0]  # time inside the average's per-step update, within the timed epochs
     if args.ema:
-        update = loops["project"].ema.update_parameters
+        update = loops["project"].ema.update
 
-        def timed_update(model, update=update):
+        def timed_update(update=update):
             start = time.perf_counter()
-            update(model)
+            update()
             ema_seconds[0] += time.perf_counter() - start
-        loops["project"].ema.update_parameters = timed_update
+        loops["project"].ema.update = timed_update
     steps = {name: (lambda t=trainer: project_epoch(t)) for name, trainer in loops.items()}
     steps["hand"] = hand_loop.epoch
     # warm-up: allocator, caches, kernels (and with --compile, the compilation: timed apart)

@@ -126,7 +126,7 @@ def test_trials_at_once_count_what_fits_on_each_node(image_folder, tmp_path, nod
     ([(2, 0)], "auto", "no GPU found: trials run on the CPU"),
     ([(2, 0)], 1, "no GPU found: trials run on the CPU"),
     ([(2, 0)], 0, None),                                                  # asked for the CPU: nothing to say
-    ([(4, 1)], "auto", "trial.gpus auto: 0.25 GPU per trial (largest model in the space: "),
+    ([(4, 1)], "auto", "trial.gpus auto: 0.25 GPU per trial (the space's largest training step: "),
 ])
 def test_where_trials_run_is_said_in_one_line(image_folder, tmp_path, nodes, gpus, notice):
     space = write_space(tmp_path, image_folder, trial={"gpus": gpus})

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from trainables.models import count_macs, create_model
 from tuner.cli import main
-from tuner.search import SearchOptions, base_config, largest_model_macs, load_spec, trials_per_gpu
+from tuner.search import (SearchOptions, auto_gpus, base_config, largest_batch_size, largest_model_macs, load_spec,
+                          trials_per_gpu)
 
 from conftest import DECLARED_GPUS
 
@@ -156,15 +157,39 @@ def test_auto_gpus_shares_a_gpu_among_small_models(ray_session, image_folder, tm
     code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "auto",
                           "--no-refit")
     assert code == 0, output
-    assert "trial.gpus auto: 0.25 GPU per trial (largest model in the space: 0.2M MACs" in output  # a ResNet-8 of width 4: 4 to a GPU
+    assert "trial.gpus auto: 0.25 GPU per trial (the space's largest training step: " in output  # a ResNet-8 of width 4: 4 to a GPU
+    assert "M MACs, 0.2M per image x batch " in output
     assert "0.25 GPU each" in output
     trials, _, _ = run_tables(tmp_path / "runs" / "auto")
     assert all(t["gpu_ids"] in {str(i) for i in range(DECLARED_GPUS)} for t in trials)
 
 
-@pytest.mark.parametrize("macs, trials", [(None, 1), (41e6, 4), (126e6, 4), (200e6, 2), (556e6, 1), (2e9, 1)])
-def test_trials_per_gpu_follows_the_model_size(macs, trials):
-    assert trials_per_gpu(macs) == trials
+# MACs per step measured on an H100 (bench/README.md): ResNet-20 w16, ResNet-56 w32 and ResNet-18 at
+# batch 128: 4 to a GPU; ResNet-18 at batch 256: 2; at batch 512: 1
+@pytest.mark.parametrize("step_macs, trials", [(None, 1), (41e6 * 128, 4), (502e6 * 128, 4), (556e6 * 128, 4),
+                                               (556e6 * 256, 2), (556e6 * 512, 1), (2e9 * 512, 1)])
+def test_trials_per_gpu_follows_the_work_of_a_step(step_macs, trials):
+    assert trials_per_gpu(step_macs) == trials
+
+
+def test_auto_gpus_counts_the_largest_model_at_the_largest_batch(image_folder, tmp_path):
+    params = {"depth": {"choice": [8, 14]}, "batch_size": {"choice": [16, 64, 32]}}
+    space = write_space(tmp_path, image_folder, params=params)
+    spec = load_spec(SearchOptions(space=str(space)))
+    macs = largest_model_macs(spec)
+    assert largest_batch_size(spec) == 64
+    share, size = auto_gpus(spec)
+    assert share == 1.0 / trials_per_gpu(macs * 64)
+    assert size.endswith("per image x batch 64")
+    for batch_size, expected in (({"int": [8, 48]}, 48), ({"value": 24}, 24)):
+        space = write_space(tmp_path, image_folder, params={**params, "batch_size": batch_size})
+        assert largest_batch_size(load_spec(SearchOptions(space=str(space)))) == expected
+    space = write_space(tmp_path, image_folder, params={"depth": {"choice": [8, 14]}}, fixed={"batch_size": 32})
+    assert largest_batch_size(load_spec(SearchOptions(space=str(space)))) == 32
+    # the shipped spaces: the quick space's ResNet-8..20 share a GPU 4 ways, resnet18.yaml's batch 512 has one
+    spaces = Path(__file__).resolve().parents[1] / "spaces"
+    assert auto_gpus(load_spec(SearchOptions(space=str(spaces / "quick.yaml"))))[0] == 0.25
+    assert auto_gpus(load_spec(SearchOptions(space=str(spaces / "resnet18.yaml"))))[0] == 1.0
 
 
 def test_largest_model_macs_covers_every_choice(image_folder, tmp_path):
@@ -222,7 +247,8 @@ def test_dry_run_prints_the_space_and_starts_nothing(image_folder, tmp_path):
     space = write_space(tmp_path, image_folder, trial={"gpus": "auto"})
     code, output = search("--space", str(space), "--dry-run")
     assert code == 0, output
-    assert "auto (where there are GPUs: 0.25; largest model 0.2M MACs per image) GPU" in output
+    assert "auto (where there are GPUs: 0.25; largest training step " in output
+    assert "M MACs, 0.2M per image x batch " in output
 
 
 @pytest.mark.parametrize(("max_t", "grace", "factor"), [

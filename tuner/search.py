@@ -180,7 +180,7 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
     gpus, notice = spec.trial.gpus, None
     if gpus == "auto" and total_gpus and cluster.gpus:
         gpus, size = auto_gpus(spec)
-        notice = f"trial.gpus auto: {gpus:g} GPU per trial (largest model in the space: {size})" if size else None
+        notice = f"trial.gpus auto: {gpus:g} GPU per trial (the space's largest training step: {size})" if size else None
     if gpus == "auto" and not cluster.gpus:
         notice = "no GPU found: trials run on the CPU"
     gpus = (1.0 if total_gpus else 0.0) if gpus == "auto" else float(gpus)
@@ -205,24 +205,46 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
     return Resources(cpus, gpus, concurrent, notice)
 
 
-# Trials that share one GPU, by the largest model's multiply-accumulates per image: a small
-# ResNet leaves most of a big GPU idle (launch-bound), so several trials together train more
-# images per second than one; a ResNet-18 fills it alone. From bench/gpu_sharing.py (bench/README.md).
-SHARE_BELOW_MACS = ((150e6, 4), (300e6, 2))
+# Trials that share one GPU, by the multiply-accumulates of one training step (the largest model's
+# MACs per image x the largest batch): a step of small kernels leaves most of a big GPU idle
+# between launches, and other trials fill the gaps. On an H100 (bench/gpu_sharing.py,
+# bench/README.md) four trials beat two and one from 5G MACs per step (ResNet-20 w16, batch 128:
+# 3.1x one trial's images/s) up to 71G (ResNet-18, batch 128: 3.1x; ResNet-56 w32: 2.8x); at 142G
+# (ResNet-18, batch 256) two give 1.6x; at 285G (batch 512) one trial fills the GPU (two: 0.9x).
+SHARE_BELOW_STEP_MACS = ((80e9, 4), (160e9, 2))
 
 
-def trials_per_gpu(macs: int | None) -> int:
-    for limit, trials in SHARE_BELOW_MACS:
-        if macs is not None and macs <= limit:
+def trials_per_gpu(step_macs: float | None) -> int:
+    for limit, trials in SHARE_BELOW_STEP_MACS:
+        if step_macs is not None and step_macs <= limit:
             return trials
     return 1
 
 
 def auto_gpus(spec: SearchSpec) -> tuple[float, str | None]:
     """trial.gpus: auto where there are GPUs: the GPU share per trial, and the size it follows
-    ('40.8M MACs per image'; None when unknown, and then a GPU each)."""
-    macs = largest_model_macs(spec)
-    return 1.0 / trials_per_gpu(macs), (f"{macs / 1e6:,.1f}M MACs per image" if macs else None)
+    ('5.2G MACs, 40.8M per image x batch 128': one training step; None when unknown, then a GPU each)."""
+    macs, batch = largest_model_macs(spec), largest_batch_size(spec)
+    if macs is None:
+        return 1.0, None
+    step = macs * batch
+    return 1.0 / trials_per_gpu(step), f"{_macs(step)} MACs, {_macs(macs)} per image x batch {batch}"
+
+
+def _macs(count: float) -> str:
+    return f"{count / 1e9:,.1f}G" if count >= 1e9 else f"{count / 1e6:,.1f}M"
+
+
+def largest_batch_size(spec: SearchSpec) -> int:
+    """The largest batch the space can sample (a choice's largest, a range's upper bound)."""
+    param = spec.params.get("batch_size")
+    if param is None:
+        return int(TrainConfig.from_dict(base_config(spec)).batch_size)
+    if param.kind == "value":
+        return int(param.value)
+    if param.kind == "choice":
+        return int(max(param.choice))
+    return int(param.bounds[1])
 
 
 def largest_model_macs(spec: SearchSpec) -> int | None:
@@ -300,7 +322,7 @@ def dry_run(spec: SearchSpec, options: SearchOptions) -> None:
     gpus = spec.trial.gpus
     if gpus == "auto":
         share, size = auto_gpus(spec)
-        gpus = f"auto (where there are GPUs: {share:g}" + (f"; largest model {size})" if size else ")")
+        gpus = f"auto (where there are GPUs: {share:g}" + (f"; largest training step {size})" if size else ")")
     click.echo(f"resources per trial: {spec.trial.cpus:g} CPU, {gpus} GPU; "
                f"total GPUs: {'all that Ray sees' if options.gpus is None else options.gpus}")
     click.echo(f"run folder: {storage_root(options.storage)}/{options.name or spec.name}")
