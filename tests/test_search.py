@@ -172,6 +172,22 @@ def test_trials_per_gpu_follows_the_work_of_a_step(step_macs, trials):
     assert trials_per_gpu(step_macs) == trials
 
 
+def test_largest_model_macs_builds_no_weights(image_folder, tmp_path):
+    """The space's largest model is sized on the meta device: a width-1024 ResNet-56 (3.5B weights,
+    14 GB) costs no memory at --dry-run."""
+    import resource
+
+    space = write_space(tmp_path, image_folder, params={"depth": {"choice": [8, 56]},
+                                                        "width": {"choice": [4, 1024]}})
+    spec = load_spec(SearchOptions(space=str(space)))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    macs = largest_model_macs(spec)
+    grown_gib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
+    assert grown_gib < 1.0
+    small = count_macs(create_model("cifar_resnet", num_classes=10, depth=56, width=4).eval(), 16)
+    assert macs == pytest.approx(small * 256 ** 2, rel=0.03)  # 3x3 convolutions grow with width squared
+
+
 def test_auto_gpus_counts_the_largest_model_at_the_largest_batch(image_folder, tmp_path):
     params = {"depth": {"choice": [8, 14]}, "batch_size": {"choice": [16, 64, 32]}}
     space = write_space(tmp_path, image_folder, params=params)
@@ -186,6 +202,9 @@ def test_auto_gpus_counts_the_largest_model_at_the_largest_batch(image_folder, t
         assert largest_batch_size(load_spec(SearchOptions(space=str(space)))) == expected
     space = write_space(tmp_path, image_folder, params={"depth": {"choice": [8, 14]}}, fixed={"batch_size": 32})
     assert largest_batch_size(load_spec(SearchOptions(space=str(space)))) == 32
+    conditional = {"depth": {"choice": [8, 14]}, "batch_size": {"choice": [16, 24], "when": {"depth": 14}}}
+    space = write_space(tmp_path, image_folder, params=conditional, fixed={"batch_size": 32})
+    assert largest_batch_size(load_spec(SearchOptions(space=str(space)))) == 32  # depth 8 trains at the fixed 32
     # the shipped spaces: the quick space's ResNet-8..20 share a GPU 4 ways, resnet18.yaml's batch 512 has one
     spaces = Path(__file__).resolve().parents[1] / "spaces"
     assert auto_gpus(load_spec(SearchOptions(space=str(spaces / "quick.yaml"))))[0] == 0.25

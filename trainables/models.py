@@ -145,6 +145,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def model_macs(arch: str, *, depth: int, width: int, stem: str, input_size: int, num_classes: int = 10) -> int:
+    """MACs per image of the model a config builds, counted on the meta device: shapes only, no
+    memory and no initialisation (a search space may hold a width-2048 ResNet of 14B weights)."""
+    with torch.device("meta"):
+        model = create_model(arch, num_classes=num_classes, depth=depth, width=width, stem=stem,
+                             input_size=input_size).eval()
+        return count_macs(model, input_size)
+
+
 def count_macs(model: nn.Module, size: int) -> int:
     """Multiply-accumulates of one (3, size, size) image: convolutions and the classifier."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -21,7 +21,7 @@ from trainables.config import (AUGMENTS, FREEZE_STRATEGIES, OPTIMIZERS, SCHEDULE
                                check_config, field_names)
 from trainables.data import check_source, check_splits, load_data
 from trainables.finetune import PretrainedError, check_model, model_config_of
-from trainables.models import count_macs, create_model, list_models
+from trainables.models import list_models, model_macs
 
 from . import _ray, results
 from .progress import Progress
@@ -180,7 +180,8 @@ def plan_resources(spec: SearchSpec, options: SearchOptions, cluster: _ray.Clust
     gpus, notice = spec.trial.gpus, None
     if gpus == "auto" and total_gpus and cluster.gpus:
         gpus, size = auto_gpus(spec)
-        notice = f"trial.gpus auto: {gpus:g} GPU per trial (the space's largest training step: {size})" if size else None
+        notice = (f"trial.gpus auto: {gpus:g} GPU per trial (the space's largest training step: {size})"
+                  if size else None)
     if gpus == "auto" and not cluster.gpus:
         notice = "no GPU found: trials run on the CPU"
     gpus = (1.0 if total_gpus else 0.0) if gpus == "auto" else float(gpus)
@@ -236,15 +237,19 @@ def _macs(count: float) -> str:
 
 
 def largest_batch_size(spec: SearchSpec) -> int:
-    """The largest batch the space can sample (a choice's largest, a range's upper bound)."""
+    """The largest batch the space can sample (a choice's largest, a range's upper bound; the
+    fixed or default batch too where a condition can leave batch_size out)."""
+    base = int(TrainConfig.from_dict(base_config(spec)).batch_size)
     param = spec.params.get("batch_size")
     if param is None:
-        return int(TrainConfig.from_dict(base_config(spec)).batch_size)
+        return base
     if param.kind == "value":
-        return int(param.value)
-    if param.kind == "choice":
-        return int(max(param.choice))
-    return int(param.bounds[1])
+        values = [param.value]
+    elif param.kind == "choice":
+        values = list(param.choice)
+    else:
+        values = [param.bounds[1]]
+    return int(max(values + ([base] if param.when else [])))
 
 
 def largest_model_macs(spec: SearchSpec) -> int | None:
@@ -266,13 +271,12 @@ def largest_model_macs(spec: SearchSpec) -> int | None:
     for values in itertools.product(*options.values()):
         try:
             config = model_config_of(base.replace(**dict(zip(options, values))))
-            model = create_model(config.arch, num_classes=10, depth=config.depth, width=config.width,
-                                 stem=config.stem, input_size=config.input_size).eval()
+            macs = model_macs(config.arch, depth=config.depth, width=config.width, stem=config.stem,
+                              input_size=config.input_size)
         except PretrainedError:
             return None
         except (ValueError, TypeError):  # a combination the conditions exclude (depth of a resnet18)
             continue
-        macs = count_macs(model, config.input_size)
         largest = macs if largest is None else max(largest, macs)
     return largest
 
