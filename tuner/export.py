@@ -180,12 +180,11 @@ def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_
             except Exception as error:  # a missing exporter dependency, an unsupported operator, ...
                 raise ExportError(f"{name} export of {model_dir} failed: {first_line(error)}; "
                                   "the folder's earlier files are unchanged") from None
-    except BaseException:
+        for name in staged:  # every format made: now swap them in, then the config that lists them
+            os.replace(_tmp(written[name]), written[name])
+    finally:  # after a failure, the staged files of the formats made before it
         for name in staged:
             _tmp(written[name]).unlink(missing_ok=True)
-        raise
-    for name in staged:  # every format made: now swap them in, then the config that lists them
-        os.replace(_tmp(written[name]), written[name])
     stats = {"parameters": count_parameters(model), "macs_per_image": count_macs(model, size)}
     meta = _update_config(model_dir, meta, model, formats, stats)
     metrics = {**earlier, **stats}  # parameters and MACs added; search val_acc, test figures kept
