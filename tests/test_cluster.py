@@ -74,14 +74,36 @@ def test_rays_validator_does_refuse_a_broken_config(edit, error):
         validate_config(prepare_config({**cluster_config(), **edit}))
 
 
+def locked_versions() -> dict[str, str]:
+    """constraints.txt: normalised package name -> the version `make setup` installs."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_the_tests_run_with_the_locked_versions_and_every_dependency_is_locked():
+    pins = locked_versions()
+    wanted = metadata.requires("tune-resnet")  # pyproject's dependencies and extras, as installed
+    names = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", d).group()).lower() for d in wanted}
+    assert names <= set(pins), f"not in constraints.txt: {sorted(names - set(pins))}; run make lock"
+    for name, version in pins.items():
+        with contextlib.suppress(metadata.PackageNotFoundError):  # a platform's own packages (CUDA wheels)
+            assert metadata.version(name) == version, f"constraints.txt locks {name}=={version}; run make setup"
+
+
 def test_cluster_yaml_installs_the_versions_the_tests_ran_with():
-    commands = " ".join(cluster_config()["setup_commands"])
-    pins = dict(re.findall(r'"([a-z_-]+)(?:\[[a-z,]+\])?==([^"]+)"', commands))
-    assert {"ray", "torch", "torchvision", "optuna", "pyarrow"} <= set(pins)
-    for package, version in pins.items():
-        assert metadata.version(package) == version, f"cluster.yaml pins {package}=={version}"
-    assert f"--python {sys.version_info.major}.{sys.version_info.minor} ~/venv" in commands
-    assert '-e "$HOME/tune-resnet[export]"' in commands  # this project, from the synced copy
+    commands = cluster_config()["setup_commands"]
+    install = next(c for c in commands if "tune-resnet[export]" in c)
+    # one resolve: Ray and this project under the lock the tests ran with, from the synced copy
+    assert '-c "$HOME/tune-resnet/constraints.txt"' in install and '"ray[default,tune]"' in install
+    assert '-e "$HOME/tune-resnet[export]"' in install
+    assert not re.search(r"==", " ".join(commands)), "pin versions in constraints.txt, not in cluster.yaml"
+    assert f"--python {sys.version_info.major}.{sys.version_info.minor} ~/venv" in " ".join(commands)
+    assert {"ray", "torch", "torchvision", "optuna", "pyarrow"} <= set(locked_versions())
 
 
 def test_cluster_yaml_mounts_the_project_and_holds_no_credentials():
