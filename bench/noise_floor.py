@@ -39,8 +39,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+import yaml
 
-from trainables.config import TrainConfig
+from trainables.config import TrainConfig, check_config
 from trainables.data import load_data, make_splits
 from trainables.train import Trainer
 
@@ -73,6 +74,18 @@ def pick(trials: list[dict], k: int, from_top: float, ids: tuple[str, ...] = ())
         raise ValueError(f"--trials: {', '.join(sorted(missing))} not among the finished trials of the runs given")
     ranks |= {r for r, t in enumerate(ranked) if t["trial"] in ids}
     return [{**ranked[r], "rank": r + 1} for r in sorted(ranks)]
+
+
+def given_config(text: str, base: dict, index: int) -> dict:
+    """A configuration named on the command line ("depth=20,lr=0.16"), as a picked trial: its values
+    parsed as YAML scalars, checked by TrainConfig; it has no search value and no rank."""
+    try:
+        params = {key.strip(): yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in text.split(","))}
+        check_config(TrainConfig.from_dict({**base, **params}))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--config {text!r}: expected KEY=VALUE,... of a training config: {error}") from error
+    return {"run": "--config", "trial": f"config{index}", "base": base, "params": params,
+            "final": math.nan, "rank": 0}
 
 
 def train_once(job: tuple[dict, int, int]) -> dict:
@@ -131,6 +144,9 @@ def main() -> None:
     parser.add_argument("--configs", type=int, default=8, help="configurations at evenly spaced ranks (0: only --trials)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh training seeds per configuration")
     parser.add_argument("--trials", nargs="*", default=[], help="also retrain these trial ids")
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE,...",
+                        help="also retrain these configurations, on the runs' base config (e.g. one an "
+                             "earlier search found: depth=20,batch_size=64,lr=0.16,weight_decay=2.6e-5)")
     parser.add_argument("--from-top", type=float, default=0.5, help="pick from the best down to this fraction")
     parser.add_argument("--split-seed", type=int, default=0, help="the one validation split every run uses")
     parser.add_argument("--first-seed", type=int, default=1000, help="training seeds first-seed, first-seed+1, ...")
@@ -146,6 +162,7 @@ def main() -> None:
         parser.error(f"{len(trials)} finished trials in the runs given; expected searches with no trial stopped")
     try:
         picked = pick(trials, args.configs, args.from_top, tuple(args.trials))
+        picked += [given_config(text, trials[0]["base"], i) for i, text in enumerate(args.config, start=1)]
     except ValueError as error:
         parser.error(str(error))
     jobs = [(t, args.first_seed + i, args.split_seed) for i in range(args.repeats) for t in picked]

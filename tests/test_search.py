@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -450,6 +451,41 @@ def test_noise_floor_separates_configuration_from_seed():
     assert result["repeatability"] == pytest.approx(0.0046 / (0.0046 + 0.0008))
     assert [row["reached"]["0.6"] for row in result["configs"]] == [1.0, 0.0]
     assert result["best_search_final"] == 0.7 and result["best_repeat_mean"] == pytest.approx(0.62)
+
+
+def test_noise_floor_retrains_a_configuration_given_on_the_command_line():
+    noise = _bench("noise_floor")
+    base = {"arch": "cifar_resnet", "depth": 8, "lr": 0.1}
+    given = noise.given_config("depth=20,lr=0.16,batch_size=64,weight_decay=2.6e-5", base, 1)
+    assert given["params"] == {"depth": 20, "lr": 0.16, "batch_size": 64, "weight_decay": 2.6e-5}
+    assert given["trial"] == "config1" and given["base"] == base and math.isnan(given["final"])
+    for bad in ("width=0", "depth", "dept=20", "lr=fast"):
+        with pytest.raises(ValueError, match=re.escape(f"--config {bad!r}: expected KEY=VALUE")):
+            noise.given_config(bad, base, 1)
+
+
+def test_oracle_bound_replays_the_best_configurations_runs_against_random_search(tmp_path):
+    oracle = _bench("oracle_bound")
+    runs = [{"trial": "good", "seed": s, "val_acc": [0.5, 0.7], "seconds": 2.0} for s in range(4)]
+    runs += [{"trial": "weak", "seed": s, "val_acc": [0.5, 0.6], "seconds": 2.0} for s in range(4)]
+    (tmp_path / "noise.json").write_text(json.dumps({"configs": [{"trial": "good", "params": {"lr": 0.1}},
+                                                                 {"trial": "weak", "params": {"lr": 1.0}}],
+                                                     "all_runs": runs}))
+    oracles = oracle.repeat_curves(tmp_path / "noise.json")
+    assert oracles["good"]["curves"]["good/3"] == [0.5, 0.7] and oracles["good"]["secs"]["good/3"] == [1.0, 1.0]
+    # random search: one of three trials gets there, in its second epoch: 2, 4 or 6 epochs, one at a time
+    curves = {"a": [0.1, 0.2], "b": [0.1, 0.2], "c": [0.1, 0.8]}
+    secs = {k: [1.0, 1.0] for k in curves}
+    result = oracle.bound((curves, secs), oracles, targets=[0.7], rungs=[1], rf=3, workers=1, orders=999)
+    assert result["random"]["0.7"]["median"] == 4 and result["random"]["0.7"]["reached"] == 1.0
+    row = result["targets"]["0.7"]
+    assert row["oracle"] == "good" and row["oracle_median"] == 2 and row["oracle_asha_median"] == 2
+    assert row["a_third"] == pytest.approx(4 / 3) and row["oracle_over_random"] == pytest.approx(0.5)
+    assert math.isinf(result["oracles"]["weak"]["no_stopping"]["0.7"]["median"])
+    # two at a time, the other trial's first epoch lands before the winner's second
+    two = oracle.median_epochs(oracles["good"]["curves"], oracles["good"]["secs"], targets=[0.7], rungs=[],
+                               rf=3, workers=2, orders=10)
+    assert two["0.7"]["median"] == 3
 
 
 ROOT = Path(__file__).resolve().parents[1]
