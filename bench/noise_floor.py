@@ -20,6 +20,9 @@ and reports:
     python bench/noise_floor.py RANDOM_RUN_0 RANDOM_RUN_1 RANDOM_RUN_2 --configs 8 --repeats 3 \\
         --targets 0.58 0.59 0.6 --out noise.json
 
+`--config depth=20,lr=0.16,...` adds a configuration by its values (on the runs' base config), for
+instance the best one an earlier search found (`oracle_bound.py` reads the repeats).
+
 Configurations are picked at evenly spaced ranks of the pooled finals, from the best down to the
 `--from-top` fraction (the weak ones are told apart by any method: the question is the top). Runs
 go `--workers` at a time, one CPU thread each. No Ray: the project's Trainer, as the trials run it.
