@@ -19,7 +19,7 @@ time, until some trial first reached the target), over many orders of the repeat
 Where the oracle needs more than a third of random search's epochs, no sampler and no early
 stopper meets the bar at that target.
 
-    python bench/noise_floor.py RANDOM_RUN --configs 2 --from-top 0.05 --repeats 8 \\
+    python bench/noise_floor.py RANDOM_RUN --configs 1 --from-top 0 --repeats 8 \\
         --config depth=20,batch_size=64,lr=0.16,weight_decay=2.6e-5 --out oracle_runs.json
     python bench/oracle_bound.py --random RANDOM_RUN --repeats oracle_runs.json \\
         --targets 0.57 0.58 0.59 0.6 --orders 2000
@@ -32,13 +32,11 @@ import json
 import math
 import random
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from asha_replay import epochs_to, pooled, replay  # noqa: E402
+from asha_replay import epochs_to, pooled, replay  # a sibling: python puts bench/ on the path
 
 
 def repeat_curves(noise_json: Path) -> dict[str, dict]:

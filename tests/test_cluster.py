@@ -74,21 +74,25 @@ def test_rays_validator_does_refuse_a_broken_config(edit, error):
         validate_config(prepare_config({**cluster_config(), **edit}))
 
 
+def package_name(requirement: str) -> str:
+    """The normalised name a requirement or pin starts with (PEP 503: 'PyYAML' and 'pyyaml' alike)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group()).lower()
+
+
 def locked_versions() -> dict[str, str]:
     """constraints.txt: normalised package name -> the version `make setup` installs."""
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
-            name, version = line.split("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+            pins[package_name(line)] = line.split("==")[1]
     return pins
 
 
 def test_the_tests_run_with_the_locked_versions_and_every_dependency_is_locked():
     pins = locked_versions()
     wanted = metadata.requires("tune-resnet")  # pyproject's dependencies and extras, as installed
-    names = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", d).group()).lower() for d in wanted}
+    names = {package_name(requirement) for requirement in wanted}
     assert names <= set(pins), f"not in constraints.txt: {sorted(names - set(pins))}; run make lock"
     for name, version in pins.items():
         with contextlib.suppress(metadata.PackageNotFoundError):  # a platform's own packages (CUDA wheels)
