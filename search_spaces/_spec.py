@@ -37,7 +37,8 @@ class DataSpec(_Section):
     path: str | None = None  # a folder or an archive; --data overrides
     val_fraction: float = Field(0.1, gt=0, lt=1)  # of the training split, held out for the search
     train_subset: PositiveInt | None = None  # training examples; None = all
-    input_size: PositiveInt = 32  # pixels, square
+    input_size: PositiveInt = 32  # pixels, square: what the model sees
+    storage_size: PositiveInt | None = None  # pixels the images are cached at (None: 256 for 224, equal up to 64)
 
 
 class ModelSpec(_Section):

@@ -48,7 +48,8 @@ def test_image_folder_is_decoded_into_the_cache(image_folder: Path, data_cache: 
     assert data.classes == CLASSES
     assert data.image_size == IMAGE_SIZE and data.skipped == 0
     assert data.cache_path.parent == data_cache
-    assert (data.cache_path / "data.safetensors").is_file()
+    assert {p.name for p in data.cache_path.glob("*.npy")} == {"train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy"}
+    assert (data.cache_path / "meta.json").is_file()
     for images, labels, per_class in ((data.train_images, data.train_labels, TRAIN_PER_CLASS),
                                       (data.test_images, data.test_labels, TEST_PER_CLASS)):
         assert torch.bincount(labels).tolist() == [per_class] * n_classes

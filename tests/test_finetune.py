@@ -137,7 +137,7 @@ def test_trainer_applies_the_layer_lr(tiny_config: TrainConfig, tiny_splits: Spl
 def _two_class_splits(splits: Splits) -> Splits:
     """The first two classes of splits: a dataset with another class count."""
     train, val = splits.train_labels < 2, splits.val_labels < 2
-    return Splits(splits.train_images[train], splits.train_labels[train], splits.val_images[val],
+    return Splits.from_tensors(splits.train_images[train], splits.train_labels[train], splits.val_images[val],
                   splits.val_labels[val], splits.classes[:2], splits.mean, splits.std)
 
 

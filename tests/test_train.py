@@ -184,7 +184,7 @@ def test_evaluate_does_not_depend_on_the_eval_batch_size(tiny_config: TrainConfi
 def test_train_acc_counts_the_images_actually_seen(tiny_splits: Splits, tiny_config: TrainConfig) -> None:
     """One class: every prediction is right, so train_acc must be 1, also when the data is under one batch."""
     n = 20
-    splits = Splits(tiny_splits.train_images[:n], torch.zeros(n, dtype=torch.int64),
+    splits = Splits.from_tensors(tiny_splits.train_images[:n], torch.zeros(n, dtype=torch.int64),
                     tiny_splits.val_images, torch.zeros(len(tiny_splits.val_labels), dtype=torch.int64),
                     ["only"], tiny_splits.mean, tiny_splits.std)
     for batch_size in (10, 32):  # 2 full batches; 1 batch of 20 < batch_size

@@ -14,7 +14,7 @@ from typing import Any
 FREEZE_STRATEGIES = ("none", "linear", "stages", "bn")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
-AUGMENTS = ("none", "flip", "crop_flip")
+AUGMENTS = ("none", "flip", "crop_flip", "resized_crop")
 STEMS = ("auto", "cifar", "small", "imagenet")
 
 
@@ -23,7 +23,10 @@ class TrainConfig:
     # --- data -------------------------------------------------------------------------------
     dataset: str = "cifar10"        # cifar10 | cifar100 | imagefolder
     data_path: str | None = None    # folder or archive; None = the dataset's cache/download dir
-    input_size: int = 32            # pixels; images of other sizes are resized once, at decode
+    input_size: int = 32            # pixels: the side of what the model sees
+    storage_size: int | None = None  # pixels: the side images are cached at (shorter side resized,
+    #                                 centre-cropped); training crops input_size from it, evaluation
+    #                                 takes its centre. None = resolve_storage_size(input_size)
     val_fraction: float = 0.1       # stratified hold-out of the training split
     train_subset: int | None = None  # train on a stratified subset of this many images
     # --- model ------------------------------------------------------------------------------
@@ -35,6 +38,7 @@ class TrainConfig:
     pretrained: str | None = None   # None | "torchvision" | path to a checkpoint of this project
     freeze: str = "none"            # none | linear | stages | bn
     frozen_stages: int = 0          # with freeze=stages: stem + this many stages are frozen
+    unfreeze_epoch: int = 0         # epochs trained with the freeze; then everything trains (0 = never)
     layer_decay: float = 1.0        # lr multiplier per stage going down from the head (1 = off)
     # --- optimisation -----------------------------------------------------------------------
     optimizer: str = "sgd"          # sgd | adamw
@@ -47,8 +51,10 @@ class TrainConfig:
     schedule: str = "onecycle"      # cosine | onecycle | step | constant
     warmup_epochs: float = 0.0      # linear warm-up (cosine/step/constant); onecycle has its own
     label_smoothing: float = 0.0
-    augment: str = "crop_flip"      # none | flip | crop_flip
-    crop_padding: int = 4           # pixels of reflect padding for the random crop
+    augment: str = "crop_flip"      # none | flip | crop_flip | resized_crop
+    crop_padding: int = 4           # pixels of reflect padding for the random crop (crop_flip)
+    crop_scale: float = 0.08        # resized_crop: smallest share of the image's area a crop covers
+    crop_ratio: float = 4 / 3       # resized_crop: aspect ratios from 1/crop_ratio to crop_ratio
     cutout: int = 0                 # side of a random zeroed square, pixels (0 = off)
     ema: float = 0.0                # half-life, in epochs, of an exponential moving average of the
     #                                 weights; validation, test and exports use the average (0 = off)
@@ -56,6 +62,8 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 1024
     compile: bool = False           # torch.compile the model (pays off only for long runs)
+    device_data_share: float = 0.25  # largest share of GPU memory the uint8 training data may take
+    #                                  on the GPU; more data streams in batches from host memory
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -70,6 +78,23 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; expected some of {field_names()}")
         return cls(**values)
+
+    @property
+    def image_storage_size(self) -> int:
+        return resolve_storage_size(self.input_size, self.storage_size)
+
+
+SMALL_IMAGES = 64  # pixels: at most this, images are thumbnails (CIFAR-like) and kept whole
+
+
+def resolve_storage_size(input_size: int, storage_size: int | None = None) -> int:
+    """The side images are cached at. Small inputs are stored whole (the object fills a 32-px CIFAR
+    image: cropping its border would cut it, so CIFAR stays as it was); ImageNet-sized inputs keep
+    the customary margin of 8/7 (256 for 224) that random crops and the evaluation centre crop take
+    from, as torchvision's ImageNet recipes resize to 256 and crop 224."""
+    if storage_size is not None:
+        return storage_size
+    return input_size if input_size <= SMALL_IMAGES else round(input_size * 8 / 7)
 
 
 def field_names() -> tuple[str, ...]:
@@ -93,6 +118,15 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"width: expected a positive number of channels, got {config.width!r}")
     if config.input_size < 8:
         raise ValueError(f"input_size: expected at least 8 pixels, got {config.input_size!r}")
+    if config.storage_size is not None and config.storage_size < config.input_size:
+        raise ValueError(f"storage_size: expected at least input_size ({config.input_size}) pixels, "
+                         f"got {config.storage_size!r}")
+    if not 0.0 < config.crop_scale <= 1.0:
+        raise ValueError(f"crop_scale: expected 0 < crop_scale <= 1 (a share of the image's area), got {config.crop_scale!r}")
+    if not config.crop_ratio >= 1.0:
+        raise ValueError(f"crop_ratio: expected a ratio >= 1 (crops from 1/ratio to ratio), got {config.crop_ratio!r}")
+    if not 0.0 < config.device_data_share <= 1.0:
+        raise ValueError(f"device_data_share: expected 0 < share <= 1 of GPU memory, got {config.device_data_share!r}")
     positive = ("lr", "batch_size", "epochs", "input_size", "eval_batch_size")
     for key in positive:
         if not getattr(config, key) > 0:
@@ -111,7 +145,7 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"label_smoothing: expected 0 <= label_smoothing < 1, got {config.label_smoothing!r}")
     if not 0.0 <= config.momentum < 1.0:
         raise ValueError(f"momentum: expected 0 <= momentum < 1, got {config.momentum!r}")
-    not_negative = ("weight_decay", "warmup_epochs", "crop_padding", "cutout", "frozen_stages")
+    not_negative = ("weight_decay", "warmup_epochs", "crop_padding", "cutout", "frozen_stages", "unfreeze_epoch")
     for key in not_negative:
         if not getattr(config, key) >= 0:
             raise ValueError(f"{key}: expected a number >= 0, got {getattr(config, key)!r}")

@@ -1,8 +1,11 @@
-"""Data: sources -> a uint8 tensor cache on disk -> seeded stratified splits -> batched augmentation.
+"""Data: sources -> a uint8 cache on disk, memory-mapped -> seeded stratified splits -> batches.
 
-Images are decoded once. Every later run (every trial of a search, every node of a cluster)
-loads the cache, a single safetensors file, in well under a second: faster to load and
-augment uint8 tensors than to decode JPEGs per epoch.
+Images are decoded once, by all cores, into one `.npy` file per split. Every later run (every
+trial of a search, the refit, every node of a cluster) maps the cache read-only instead of
+reading it: N trial processes on a node share one copy of the pixels in the page cache, so a
+node's memory grows with the data once, not with data x trials (bench/README.md, "own data").
+The cache keeps each image's shorter side resized to a storage size, centre-cropped square;
+training crops from it, evaluation and `predict` take its centre crop at the input size.
 """
 
 from __future__ import annotations
@@ -11,23 +14,29 @@ import hashlib
 import io
 import json
 import logging
+import math
+import multiprocessing
 import os
 import tarfile
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from filelock import FileLock
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from PIL import Image, ImageOps
+
+from .config import resolve_storage_size
 
 log = logging.getLogger(__name__)
 
 CIFAR = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-CACHE_VERSION = 1  # bump when the cache layout changes
+CACHE_VERSION = 2  # bump when the cache layout changes (2: .npy files, memory-mapped; storage size)
+ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+META_FILE = "meta.json"  # written last: its presence means the cache is complete
+DECODE_TASK = 64  # images per task of a decoding process: small enough for a smooth progress bar
 
 
 class DataError(ValueError):
@@ -36,7 +45,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class ImageData:
-    """The decoded dataset: uint8 images (N, 3, H, W), int64 labels, class names."""
+    """The decoded dataset: uint8 images (N, 3, S, S) at the storage size S, int64 labels, class
+    names. The image tensors are read-only memory maps of the cache: index them, never write."""
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -48,6 +58,7 @@ class ImageData:
 
     @property
     def image_size(self) -> int:
+        """The storage size: the side of every cached image."""
         return int(self.train_images.shape[-1])
 
 
@@ -60,46 +71,61 @@ def cache_root() -> Path:
 
 
 def load_data(dataset: str = "cifar10", data_path: str | os.PathLike | None = None, *,
-              input_size: int = 32, cache_dir: Path | None = None) -> ImageData:
-    """The decoded dataset, from the cache when it is there, else decoded once and cached.
+              input_size: int = 32, storage_size: int | None = None, cache_dir: Path | None = None,
+              progress: bool = False) -> ImageData:
+    """The decoded dataset, mapped from the cache when it is there, else decoded once and cached.
 
-    A file lock makes concurrent callers on one node (trials, nodes sharing a disk) decode once.
+    storage_size: the side images are kept at (None: the default for input_size, see
+    trainables.config.resolve_storage_size). A file lock makes concurrent callers on one node
+    (trials, nodes sharing a disk) decode once.
     """
+    size = resolve_storage_size(input_size, storage_size)
     source = _resolve_source(dataset, data_path)
-    folder = (cache_dir or cache_root()) / f"{dataset}-{input_size}px-{_fingerprint(source, input_size)}"
+    folder = (cache_dir or cache_root()) / f"{dataset}-{size}px-{_fingerprint(source, size)}"
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".lock")):
-        if not (folder / "data.safetensors").exists():
-            _build_cache(dataset, source, input_size, folder)
+        if not (folder / META_FILE).exists():
+            _build_cache(dataset, source, size, folder, progress=progress)
     return _read_cache(folder)
 
 
 def _read_cache(folder: Path) -> ImageData:
-    tensors = load_file(folder / "data.safetensors")
-    meta = json.loads((folder / "meta.json").read_text())
+    """Memory-maps the arrays copy-on-write: pages are read from the shared page cache and never
+    copied unless written to (nothing writes; 'c' rather than 'r' so a stray in-place op costs a
+    private page instead of a segfault)."""
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="c") for name in ARRAYS}
+    tensors = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    meta = json.loads((folder / META_FILE).read_text())
     return ImageData(tensors["train_images"], tensors["train_labels"], tensors["test_images"],
                      tensors["test_labels"], meta["classes"], folder, meta.get("skipped", 0))
 
 
-def _build_cache(dataset: str, source: Path | None, input_size: int, folder: Path) -> None:
+def _build_cache(dataset: str, source: Path | None, size: int, folder: Path, *, progress: bool) -> None:
     if source is None or _is_cifar_batches(source, dataset):
-        train, test, classes = _read_cifar(dataset, source, input_size)
+        train, test, classes = _read_cifar(dataset, source, size)
+        for split, (images, labels) in (("train", train), ("test", test)):
+            _save_array(folder / f"{split}_images.npy", images.numpy())
+            _save_array(folder / f"{split}_labels.npy", labels.numpy())
         skipped = 0
     else:
-        train, test, classes, skipped = _read_image_folder(source, input_size)
-    tensors = {"train_images": train[0], "train_labels": train[1],
-               "test_images": test[0], "test_labels": test[1]}
-    tmp = folder / "data.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        classes, skipped = _read_image_folder(source, size, folder, progress=progress)
     meta = {"version": CACHE_VERSION, "dataset": dataset, "source": str(source), "classes": classes,
-            "skipped": skipped, "input_size": input_size}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / "data.safetensors")  # atomic: a reader never sees half a cache
+            "skipped": skipped, "storage_size": size}
+    tmp = folder / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / META_FILE)  # atomic, and last: a reader never sees half a cache
 
 
-def _fingerprint(source: Path | None, input_size: int) -> str:
+def _save_array(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        np.save(out, array)
+    os.replace(tmp, path)
+
+
+def _fingerprint(source: Path | None, size: int) -> str:
     """Changes when the source's files change (names, sizes, times), so a stale cache is never used."""
-    digest = hashlib.sha1(f"v{CACHE_VERSION}|{source}|{input_size}".encode())
+    digest = hashlib.sha1(f"v{CACHE_VERSION}|{source}|{size}".encode())
     if source is not None and source.is_file():
         stat = source.stat()
         digest.update(f"{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -171,8 +197,9 @@ def _resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return resized.round().clamp(0, 255).to(torch.uint8)
 
 
-def _read_image_folder(source: Path, input_size: int):
-    """train/<class>/* plus test/<class>/* (or val/<class>/*), from a folder or an archive."""
+def _read_image_folder(source: Path, size: int, folder: Path, *, progress: bool) -> tuple[list[str], int]:
+    """train/<class>/* plus test/<class>/* (or val/<class>/*), from a folder or an archive, decoded
+    into folder/{train,test}_{images,labels}.npy; returns (classes, files skipped)."""
     entries = _list_archive(source) if source.is_file() else _list_folder(source)
     splits = _group_by_split(entries, source)
     classes = sorted(splits["train"])
@@ -180,18 +207,20 @@ def _read_image_folder(source: Path, input_size: int):
     if sorted(splits[eval_name]) != classes:
         raise DataError(f"{source}: class folders of train/ and {eval_name}/ differ "
                         f"(train: {classes}, {eval_name}: {sorted(splits[eval_name])}); make them the same")
-    decoded, skipped = {}, 0
-    for name in ("train", eval_name):
+    skipped = 0
+    for name, split in (("train", "train"), (eval_name, "test")):
         items = [(reader, classes.index(cls)) for cls in classes for reader in splits[name][cls]]
-        images, labels, bad = _decode_all(items, input_size)
+        labels, bad = _decode_all(items, size, folder / f"{split}_images.npy",
+                                  desc=f"decoding {name}/" if progress else None)
         empty = [c for i, c in enumerate(classes) if not (labels == i).any()]
         if empty:
             raise DataError(f"{source}: no readable images in {name}/{empty[0]}/; expected image files "
                             f"in every {name}/<class>/ folder")
-        decoded[name], skipped = (images, labels), skipped + bad
+        _save_array(folder / f"{split}_labels.npy", labels)
+        skipped += bad
     if skipped:
         log.warning("skipped %d unreadable image files in %s", skipped, source)
-    return decoded["train"], decoded[eval_name], classes, skipped
+    return classes, skipped
 
 
 def _list_folder(source: Path) -> list[tuple[str, object]]:
@@ -229,27 +258,76 @@ def _group_by_split(entries: list[tuple[str, object]], source: Path) -> dict[str
                     for cls, named in classes.items()} for split, classes in splits.items()}
 
 
-def _decode_all(items: list[tuple[object, int]], size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Decode in threads: PIL releases the GIL while it decodes."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        arrays = list(pool.map(lambda item: _decode_one(item[0], size), items, chunksize=256))
-    keep = [i for i, array in enumerate(arrays) if array is not None]
-    if not keep:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), len(items)
-    images = torch.from_numpy(np.stack([arrays[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([items[i][1] for i in keep], dtype=torch.int64)
-    return images, labels, len(items) - len(keep)
+# ---------------------------------------------------------------------------------------------
+# Decoding: all cores, each process writing its images straight into the memory-mapped file
+# ---------------------------------------------------------------------------------------------
+
+_ITEMS: list = []  # the items being decoded: set before the pool forks, so workers inherit them unpickled
+
+
+def _decode_all(items: list[tuple[object, int]], size: int, out: Path, *,
+                desc: str | None = None) -> tuple[np.ndarray, int]:
+    """Decode items (reader, label) into out (an (N, 3, size, size) uint8 .npy file), in processes:
+    PIL's resize and colour conversion hold the GIL, so threads left all but one core idle. Returns
+    (labels of the readable images, number of unreadable ones); out holds those images, in order."""
+    tmp = out.with_name(out.name + ".decoding")
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, size, size)).flush()
+    global _ITEMS
+    _ITEMS = items
+    tasks = [(start, min(start + DECODE_TASK, len(items))) for start in range(0, len(items), DECODE_TASK)]
+    workers = min(os.cpu_count() or 1, max(1, len(tasks)))
+    bad: list[int] = []
+    try:
+        # fork: the workers inherit the item list and run PIL and numpy only (no torch, no threads)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = pool.map(_decode_range, [(tmp, size, *task) for task in tasks])
+            for failed in _progress(results, total=len(tasks), desc=desc):
+                bad.extend(failed)
+    finally:
+        _ITEMS = []
+    labels = np.array([label for _, label in items], dtype=np.int64)
+    if bad:  # rare: rewrite without the unreadable images' rows
+        keep = np.setdiff1d(np.arange(len(items)), bad)
+        _save_array(out, np.load(tmp, mmap_mode="r")[keep])
+        tmp.unlink()
+        return labels[keep], len(bad)
+    os.replace(tmp, out)
+    return labels, 0
+
+
+def _progress(results, *, total: int, desc: str | None):
+    if desc is None:
+        return results
+    from tqdm import tqdm
+
+    return tqdm(results, total=total, desc=desc, unit="task", unit_scale=DECODE_TASK, leave=False)
+
+
+def _decode_range(task: tuple[Path, int, int, int]) -> list[int]:
+    """In a worker: decode _ITEMS[start:end] into their rows of the file; the positions it could not read."""
+    path, size, start, end = task
+    images = np.load(path, mmap_mode="r+")
+    failed = []
+    for position in range(start, end):
+        array = _decode_one(_ITEMS[position][0], size)
+        if array is None:
+            failed.append(position)
+        else:
+            images[position] = array.transpose(2, 0, 1)  # HWC -> CHW
+    images.flush()
+    return failed
 
 
 def decode_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB: shorter side resized to size (bilinear), then centre-cropped.
 
     The one decoder of training data and of `tune-resnet predict`, so both see the same pixels.
-    Raises what PIL raises for a file it cannot read.
+    EXIF orientation is applied (phone photos are stored sideways); grey, palette and CMYK images
+    become RGB; transparent pixels are laid on white. Raises what PIL raises for a file it cannot read.
     """
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
         image.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
-        image = image.convert("RGB")
+        image = _to_rgb(ImageOps.exif_transpose(image))
         if image.size != (size, size):
             scale = size / min(image.size)
             width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
@@ -257,6 +335,18 @@ def decode_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
             left, top = (width - size) // 2, (height - size) // 2
             image = image.crop((left, top, left + size, top + size))
         return np.asarray(image, dtype=np.uint8)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey (PNG, TIFF): scale to 8 bits
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _decode_one(reader: object, size: int) -> np.ndarray | None:
@@ -267,21 +357,57 @@ def _decode_one(reader: object, size: int) -> np.ndarray | None:
         return None
 
 
+def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size x size of (..., S, S) images: what validation, the test, exports and
+    predict all see of a cached image (training takes random crops of the same image)."""
+    height, width = images.shape[-2:]
+    if (height, width) == (size, size):
+        return images
+    top, left = (height - size) // 2, (width - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
 # ---------------------------------------------------------------------------------------------
 # Splits
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Splits:
-    """What a training run sees. The test split is not here: only the refit asks for it."""
+    """What a training run sees: positions in the cached training images, which stay memory-mapped
+    (a split is never copied whole). The test split is not here: only the refit asks for it."""
 
-    train_images: torch.Tensor  # uint8 (N, 3, H, W)
-    train_labels: torch.Tensor  # int64 (N,)
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
+    images: torch.Tensor          # uint8 (N, 3, S, S): all the cached training images
+    labels: torch.Tensor          # int64 (N,)
+    train_index: torch.Tensor     # int64 positions in images
+    val_index: torch.Tensor
     classes: list[str]
     mean: tuple[float, float, float]  # per channel, of the training images in [0, 1]
     std: tuple[float, float, float]
+
+    @classmethod
+    def from_tensors(cls, train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
+                     val_labels: torch.Tensor, classes: list[str], mean: tuple, std: tuple) -> Splits:
+        """Splits of images held in memory (tests, tools): train then validation, one after the other."""
+        n_train, n_val = len(train_labels), len(val_labels)
+        return cls(torch.cat([train_images, val_images]), torch.cat([train_labels, val_labels]),
+                   torch.arange(n_train), torch.arange(n_train, n_train + n_val), classes, mean, std)
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return self.labels[self.train_index]
+
+    @property
+    def val_labels(self) -> torch.Tensor:
+        return self.labels[self.val_index]
+
+    @property
+    def train_images(self) -> torch.Tensor:
+        """A copy of the training split's images: for tests and small tools, not for training."""
+        return self.images[self.train_index]
+
+    @property
+    def val_images(self) -> torch.Tensor:
+        return self.images[self.val_index]
 
 
 def make_splits(data: ImageData, *, val_fraction: float = 0.1, seed: int = 0,
@@ -307,10 +433,8 @@ def make_splits(data: ImageData, *, val_fraction: float = 0.1, seed: int = 0,
         train_index = _stratified_subset(train_index, labels, train_subset, generator)
     if merge_val:  # nothing is left to validate on: the refit is judged by the test split alone
         train_index, val_index = torch.cat([train_index, val_index]), val_index[:0]
-    train_images = data.train_images[train_index]
-    mean, std = channel_stats(train_images)
-    return Splits(train_images, labels[train_index], data.train_images[val_index], labels[val_index],
-                  data.classes, mean, std)
+    mean, std = channel_stats(data.train_images, train_index)
+    return Splits(data.train_images, torch.as_tensor(labels), train_index, val_index, data.classes, mean, std)
 
 
 def check_splits(data: ImageData, *, val_fraction: float) -> None:
@@ -342,17 +466,21 @@ def _stratified_subset(index: torch.Tensor, labels: torch.Tensor, size: int,
     return torch.cat(chosen)
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1], computed in chunks to bound memory."""
+def channel_stats(images: torch.Tensor, index: torch.Tensor | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] of images (or of images[index]), in chunks to bound memory."""
     total = torch.zeros(3, dtype=torch.float64)
     total_sq = torch.zeros(3, dtype=torch.float64)
-    for chunk in images.split(4096):
+    count = 0
+    positions = index if index is not None else torch.arange(len(images))
+    for chunk_index in positions.split(4096):
+        # sorted: the chunk's rows are read from the memory map in file order
+        chunk = images[chunk_index.sort().values] if index is not None else images[chunk_index[0]:chunk_index[-1] + 1]
         pixels = chunk.double().div_(255).transpose(0, 1).reshape(3, -1)
         total += pixels.sum(1)
         total_sq += pixels.square().sum(1)
-    count = images.numel() / 3
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+        count += pixels.shape[1]
+    mean = total / max(1, count)
+    std = (total_sq / max(1, count) - mean.square()).clamp_min(1e-12).sqrt()
     return tuple(mean.tolist()), tuple(std.tolist())
 
 
@@ -365,35 +493,67 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (images.float().div_(255) - mean).div_(std)
 
 
-def augment(images: torch.Tensor, *, flip: bool, crop_padding: int, cutout: int,
-            generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip, random crop with reflect padding, optional cutout, per image."""
+def augment(images: torch.Tensor, *, flip: bool, crop_padding: int, cutout: int, generator: torch.Generator,
+            size: int | None = None, resized_crop: tuple[float, float] | None = None) -> torch.Tensor:
+    """Random augmentation of a batch of (N, 3, S, S) images into (N, 3, size, size), per image.
+
+    resized_crop=(scale, ratio): a random crop of scale..1 of the area and aspect ratio 1/ratio..ratio,
+    resized to size, flipped at random when flip (ImageNet fine-tuning's augmentation). Otherwise:
+    a random horizontal flip, then a random size x size crop of the image reflect-padded by
+    crop_padding. Then cutout, optionally.
+    """
     n, _, height, width = images.shape
+    size = size or height
     device = images.device
-    if flip:
-        flipped = torch.rand(n, generator=generator, device=device) < 0.5
-        images = torch.where(flipped[:, None, None, None], images.flip(3), images)
-    if crop_padding:
-        images = _random_crop(images, crop_padding, generator)
+    if resized_crop is not None:
+        images = _random_resized_crop(images, size, *resized_crop, flip=flip, generator=generator)
+    else:
+        if flip:
+            flipped = torch.rand(n, generator=generator, device=device) < 0.5
+            images = torch.where(flipped[:, None, None, None], images.flip(3), images)
+        if crop_padding or size != height:
+            images = _random_crop(images, crop_padding, size, generator)
     if cutout:
-        rows = torch.randint(0, height, (n, 1, 1), generator=generator, device=device)
-        cols = torch.randint(0, width, (n, 1, 1), generator=generator, device=device)
-        y = torch.arange(height, device=device)[None, :, None]
-        x = torch.arange(width, device=device)[None, None, :]
+        rows = torch.randint(0, size, (n, 1, 1), generator=generator, device=device)
+        cols = torch.randint(0, size, (n, 1, 1), generator=generator, device=device)
+        y = torch.arange(size, device=device)[None, :, None]
+        x = torch.arange(size, device=device)[None, None, :]
         top, left = rows - cutout // 2, cols - cutout // 2  # a cutout x cutout square around (row, col)
         hole = (y >= top) & (y < top + cutout) & (x >= left) & (x < left + cutout)  # (N, H, W)
         images = images.masked_fill(hole[:, None], 0.0)  # 0 = the mean after normalisation
     return images
 
 
-def _random_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def _random_crop(images: torch.Tensor, padding: int, size: int, generator: torch.Generator) -> torch.Tensor:
     """Two gathers instead of a Python loop over images: rows first, then columns."""
     n, channels, height, width = images.shape
     device = images.device
-    padded = torch.nn.functional.pad(images, (padding,) * 4, mode="reflect")
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
-    rows = (dy + torch.arange(height, device=device))[:, None, :, None]  # (N, 1, H, 1)
-    cols = (dx + torch.arange(width, device=device))[:, None, None, :]   # (N, 1, 1, W)
-    padded = padded.gather(2, rows.expand(n, channels, height, width + 2 * padding))
-    return padded.gather(3, cols.expand(n, channels, height, width))
+    padded = torch.nn.functional.pad(images, (padding,) * 4, mode="reflect") if padding else images
+    dy = torch.randint(0, height + 2 * padding - size + 1, (n, 1), generator=generator, device=device)
+    dx = torch.randint(0, width + 2 * padding - size + 1, (n, 1), generator=generator, device=device)
+    rows = (dy + torch.arange(size, device=device))[:, None, :, None]  # (N, 1, size, 1)
+    cols = (dx + torch.arange(size, device=device))[:, None, None, :]  # (N, 1, 1, size)
+    padded = padded.gather(2, rows.expand(n, channels, size, width + 2 * padding))
+    return padded.gather(3, cols.expand(n, channels, size, size))
+
+
+def _random_resized_crop(images: torch.Tensor, size: int, scale: float, ratio: float, *, flip: bool,
+                         generator: torch.Generator) -> torch.Tensor:
+    """torchvision's RandomResizedCrop (+ flip) for a whole batch in one grid_sample: each image's
+    crop is an affine map of the output grid (sides as fractions of the image, centre anywhere the
+    crop fits). A crop that would not fit is clamped to the image rather than redrawn."""
+    n, device = images.shape[0], images.device
+    uniform = torch.rand(n, 4, generator=generator, device=device)
+    area = scale + (1.0 - scale) * uniform[:, 0]                     # fraction of the image's area
+    aspect = torch.exp(math.log(ratio) * (2 * uniform[:, 1] - 1))    # width / height, log-uniform
+    crop_w = torch.sqrt(area * aspect).clamp(max=1.0)                # fractions of the side
+    crop_h = torch.sqrt(area / aspect).clamp(max=1.0)
+    centre_x = (1 - crop_w) * (2 * uniform[:, 2] - 1)                # in [-1, 1] grid units
+    centre_y = (1 - crop_h) * (2 * uniform[:, 3] - 1)
+    mirror = 1.0 - 2.0 * (torch.rand(n, generator=generator, device=device) < 0.5).float() if flip else 1.0
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 0, 2] = crop_w * mirror, centre_x
+    theta[:, 1, 1], theta[:, 1, 2] = crop_h, centre_y
+    grid = torch.nn.functional.affine_grid(theta, [n, images.shape[1], size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid.to(images.dtype), mode="bilinear",
+                                           padding_mode="border", align_corners=False)

@@ -192,8 +192,9 @@ def keep_frozen_statistics(frozen: list[nn.Module]) -> None:
 # Optimizer parameter groups
 # ---------------------------------------------------------------------------------------------
 
-def param_groups(model: ResNet, config: TrainConfig) -> list[dict]:
+def param_groups(model: ResNet, config: TrainConfig, *, include_frozen: bool = False) -> list[dict]:
     """No weight decay on BatchNorm parameters and biases; layer-wise lr decay from the head down.
+    include_frozen: frozen parameters too (they thaw later: config.unfreeze_epoch).
 
     Depth ids: stem 0, stage k is k (1-based), head num_stages + 1; a parameter at depth d gets
     lr * layer_decay ** (num_stages + 1 - d).
@@ -204,7 +205,7 @@ def param_groups(model: ResNet, config: TrainConfig) -> list[dict]:
         depth_of.update({id(p): k for p in stage.parameters()})
     groups: dict[tuple[float, bool], dict] = {}  # as few groups as the scales allow: fewer optimizer kernels
     for param in model.parameters():
-        if not param.requires_grad:
+        if not (param.requires_grad or include_frozen):
             continue
         scale = config.layer_decay ** (top - depth_of.get(id(param), top))
         decay = param.ndim > 1  # conv and linear weights; BN weights and all biases are 1-d

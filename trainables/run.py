@@ -32,7 +32,8 @@ def run_training(config: TrainConfig, *, out_dir: str | Path, data: ImageData | 
     initial_state: model weights to start from (a refit warm-started from the best trial).
     """
     start = time.perf_counter()
-    data = data or load_data(config.dataset, config.data_path, input_size=config.input_size)
+    data = data or load_data(config.dataset, config.data_path, input_size=config.input_size,
+                             storage_size=config.storage_size)
     splits = make_splits(data, val_fraction=config.val_fraction, seed=config.seed,
                          train_subset=config.train_subset, merge_val=refit)
     trainer = Trainer(config, splits, device=device)

@@ -149,11 +149,11 @@ _SPLITS: dict[tuple, Splits] = {}  # per process: a reused actor loads and split
 
 
 def _splits_for(config: TrainConfig, cache_dir: str | None) -> Splits:
-    key = (config.dataset, config.data_path, config.input_size, config.val_fraction, config.seed,
-           config.train_subset, cache_dir)
+    key = (config.dataset, config.data_path, config.input_size, config.storage_size, config.val_fraction,
+           config.seed, config.train_subset, cache_dir)
     if key not in _SPLITS:
         data = load_data(config.dataset, config.data_path, input_size=config.input_size,
-                         cache_dir=Path(cache_dir) if cache_dir else None)
+                         storage_size=config.storage_size, cache_dir=Path(cache_dir) if cache_dir else None)
         _SPLITS.clear()
         _SPLITS[key] = make_splits(data, val_fraction=config.val_fraction, seed=config.seed,
                                    train_subset=config.train_subset)

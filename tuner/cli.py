@@ -192,7 +192,8 @@ def train(config_file: str | None, refit: bool, out_dir: str, **flags) -> None:
 
     config = _train_config(config_file, flags)
     check_writable(out_dir, "--out")  # before training: hours of it must not be lost at the save
-    data = load_data(config.dataset, config.data_path, input_size=config.input_size)  # its errors before the bar
+    data = load_data(config.dataset, config.data_path, input_size=config.input_size,
+                     storage_size=config.storage_size, progress=True)  # its errors before the bar
     if not refit:
         check_splits(data, val_fraction=config.val_fraction)
     with tqdm(total=config.epochs, desc=config.arch, unit="epoch") as bar:
@@ -239,13 +240,15 @@ def data() -> None:
 @click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "imagefolder"]), default="cifar10")
 @click.option("--data", "data_path", type=click.Path(), help="Image folder, archive or CIFAR batches folder.")
 @click.option("--input-size", type=click.IntRange(min=8), default=32)
+@click.option("--storage-size", type=click.IntRange(min=8), help="Cached side [default: input size up to 64 px, else 8/7 of it].")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1)
 @click.option("--seed", type=int, default=0)
 @user_errors
-def prepare(dataset: str, data_path: str | None, input_size: int, val_fraction: float, seed: int) -> None:
+def prepare(dataset: str, data_path: str | None, input_size: int, storage_size: int | None, val_fraction: float,
+            seed: int) -> None:
     """Decode the images once into the tensor cache (run it on every node of a cluster)."""
     start = time.monotonic()
-    found = load_data(dataset, data_path, input_size=input_size)
+    found = load_data(dataset, data_path, input_size=input_size, storage_size=storage_size, progress=True)
     elapsed = time.monotonic() - start
     splits = make_splits(found, val_fraction=val_fraction, seed=seed)
     counts = found.train_labels.bincount(minlength=len(found.classes)).tolist()

@@ -38,7 +38,8 @@ def refit(run_dir: str, *, base: dict[str, Any], best_config: dict[str, Any], ep
     config = refit_config(base, best_config, epochs)
     out = Path(run_dir) / BEST_DIR
     initial = load_checkpoint(warm_start_from)["model"] if warm_start_from else None
-    data = load_data(config.dataset, config.data_path, input_size=config.input_size)  # its errors come first
+    data = load_data(config.dataset, config.data_path, input_size=config.input_size,
+                     storage_size=config.storage_size)  # its errors come first
     click.echo(f"refit: {config.arch} on train + validation for {epochs} epochs -> {out}")
     with tqdm(total=epochs, desc="refit", unit="epoch", leave=False) as bar:
         def on_epoch(metrics):

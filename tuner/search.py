@@ -29,7 +29,7 @@ from .refit import BEST_DIR, refit_best
 from .report import write_report_safely
 
 # Set by the space's sections or by the search itself, never sampled as a param.
-MANAGED = ("dataset", "data_path", "input_size", "val_fraction", "train_subset", "pretrained", "epochs", "seed")
+MANAGED = ("dataset", "data_path", "input_size", "storage_size", "val_fraction", "train_subset", "pretrained", "epochs", "seed")
 
 
 class SearchError(click.ClickException):
@@ -96,7 +96,8 @@ def base_config(spec: SearchSpec) -> dict[str, Any]:
     if pretrained and not pretrained.startswith("torchvision"):
         pretrained = str(Path(pretrained).expanduser().resolve())
     base = {**spec.fixed, "dataset": spec.data.dataset, "data_path": data_path,
-            "input_size": spec.data.input_size, "val_fraction": spec.data.val_fraction,
+            "input_size": spec.data.input_size, "storage_size": spec.data.storage_size,
+            "val_fraction": spec.data.val_fraction,
             "train_subset": spec.data.train_subset, "pretrained": pretrained,
             "epochs": spec.budget.max_epochs, "seed": spec.sampler.seed}
     try:
@@ -349,7 +350,8 @@ def run(options: SearchOptions) -> dict[str, Any]:
     if options.dry_run:
         dry_run(spec, options)
         return {}
-    data = load_data(base["dataset"], base["data_path"], input_size=base["input_size"])
+    data = load_data(base["dataset"], base["data_path"], input_size=base["input_size"],
+                     storage_size=base.get("storage_size"), progress=True)
     check_splits(data, val_fraction=base["val_fraction"])  # a split every trial can use
     click.echo(f"data: {len(data.train_labels)} train / {len(data.test_labels)} test images, "
                f"{len(data.classes)} classes, {data.image_size}px (cache {data.cache_path})")
