@@ -141,9 +141,9 @@ def test_full_disk_is_one_line(tmp_path, image_folder, monkeypatch):
     import trainables.data
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "data.safetensors"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "train_images.npy"))
 
-    monkeypatch.setattr(trainables.data, "save_file", full)  # the cache write meets a full disk
+    monkeypatch.setattr(trainables.data.os, "posix_fallocate", full)  # the cache write meets a full disk
     result = CliRunner().invoke(main, ["data", "prepare", "--dataset", "imagefolder", "--data", str(image_folder)])
     assert result.exit_code == 2, result.output
     assert result.output.startswith("Error: disk full writing") and "--resume" in result.output

@@ -375,12 +375,12 @@ def test_refit_evaluates_the_test_split_exactly_once(image_data: ImageData, tiny
                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      refit_run: bool) -> None:
     calls: list[torch.Tensor] = []
-    evaluate = Trainer.evaluate
+    evaluate = Trainer._evaluate  # every evaluation, validation and test, goes through it
 
-    def spy(self, images, labels):
-        calls.append(images)
-        return evaluate(self, images, labels)
-    monkeypatch.setattr(Trainer, "evaluate", spy)
+    def spy(self, data):
+        calls.append(data.images)
+        return evaluate(self, data)
+    monkeypatch.setattr(Trainer, "_evaluate", spy)
     run_training(tiny_config, out_dir=tmp_path, data=image_data, refit=refit_run, device="cpu")
     test = image_data.test_images
     on_test = [x for x in calls if x.shape == test.shape and torch.equal(x.cpu(), test)]

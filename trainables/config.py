@@ -84,6 +84,12 @@ class TrainConfig:
         return resolve_storage_size(self.input_size, self.storage_size)
 
 
+def image_sizes(config: dict[str, Any]) -> tuple[int, int]:
+    """(storage size, input size) of a saved model's config dict; configs written before the
+    storage size existed were cached at the input size."""
+    return config.get("storage_size") or config["input_size"], config["input_size"]
+
+
 SMALL_IMAGES = 64  # pixels: at most this, images are thumbnails (CIFAR-like) and kept whole
 
 

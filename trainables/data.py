@@ -271,7 +271,7 @@ def _decode_all(items: list[tuple[object, int]], size: int, out: Path, *,
     PIL's resize and colour conversion hold the GIL, so threads left all but one core idle. Returns
     (labels of the readable images, number of unreadable ones); out holds those images, in order."""
     tmp = out.with_name(out.name + ".decoding")
-    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, size, size)).flush()
+    _create_array(tmp, (len(items), 3, size, size))
     global _ITEMS
     _ITEMS = items
     tasks = [(start, min(start + DECODE_TASK, len(items))) for start in range(0, len(items), DECODE_TASK)]
@@ -295,12 +295,22 @@ def _decode_all(items: list[tuple[object, int]], size: int, out: Path, *,
     return labels, 0
 
 
+def _create_array(path: Path, shape: tuple[int, ...]) -> None:
+    """An .npy file of zeros, its blocks allocated now: a full disk is an OSError here, not a
+    SIGBUS in a worker writing to a page of a sparse file."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape).flush()
+    if hasattr(os, "posix_fallocate"):
+        with open(path, "r+b") as file:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+
+
 def _progress(results, *, total: int, desc: str | None):
     if desc is None:
         return results
     from tqdm import tqdm
 
-    return tqdm(results, total=total, desc=desc, unit="task", unit_scale=DECODE_TASK, leave=False)
+    # disable=None: a bar on a terminal only, none in logs and pipes
+    return tqdm(results, total=total, desc=desc, unit="img", unit_scale=DECODE_TASK, leave=False, disable=None)
 
 
 def _decode_range(task: tuple[Path, int, int, int]) -> list[int]:
@@ -335,6 +345,14 @@ def decode_image(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
             left, top = (width - size) // 2, (height - size) // 2
             image = image.crop((left, top, left + size, top + size))
         return np.asarray(image, dtype=np.uint8)
+
+
+def decode_centre(source: str | os.PathLike | bytes, *, storage_size: int, input_size: int) -> np.ndarray:
+    """(input_size, input_size, 3) uint8: exactly what validation and the test saw of an image
+    (decoded at the storage size as the cache was, then its centre crop)."""
+    image = decode_image(source, storage_size)
+    top = (storage_size - input_size) // 2
+    return image[top:top + input_size, top:top + input_size]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainables.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from trainables.config import TrainConfig, check_config
+from trainables.config import TrainConfig, check_config, image_sizes
 from trainables.models import ResNet, count_macs, count_parameters, create_model
 from trainables.run import METRICS_FILE
 
@@ -205,7 +205,7 @@ def input_contract(meta: dict[str, Any]) -> dict[str, Any]:
     return {"name": INPUT_NAME, "size": size, "shape": ["batch", 3, size, size], "layout": "NCHW",
             "dtype": "float32", "channels": "RGB", "range": [0, 255], "normalised_inside": True,
             "mean": list(meta["mean"]), "std": list(meta["std"]),  # of pixels in [0, 1]: (x/255 - mean)/std
-            "resize": f"shorter side to {size} px (bilinear), then centre crop {size}x{size}"}
+            "resize": f"shorter side to {image_sizes(meta['config'])[0]} px (bilinear), then centre crop {size}x{size}"}
 
 
 def _update_config(model_dir: Path, meta: dict[str, Any], model: ResNet, formats: Sequence[str],

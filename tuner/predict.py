@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
-from trainables.data import decode_image
+from trainables.config import image_sizes
+from trainables.data import decode_centre
 
 from .export import (FILES, INPUT_NAME, OUTPUT_NAME, ExportError, first_line, load_raw_pixel_model, read_meta,
                      resolve_model_dir)
@@ -57,12 +58,12 @@ def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
                         if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES))
 
 
-def _decode(path: Path, size: int) -> np.ndarray | str:
-    """(size, size, 3) uint8, or why the file could not be read."""
+def _decode(path: Path, size: tuple[int, int]) -> np.ndarray | str:
+    """(input, input, 3) uint8 for size (storage, input), or why the file could not be read."""
     if path.exists() and not path.is_file():  # a pipe or a device: reading it could wait forever
         return "not a regular file"
     try:
-        return decode_image(path, size)
+        return decode_centre(path, storage_size=size[0], input_size=size[1])
     except UnidentifiedImageError:
         return "not an image file PIL can read"
     except OSError as error:
@@ -130,7 +131,7 @@ def predict(model_dir: str | os.PathLike, paths: Iterable[str | os.PathLike], *,
     if runtime not in RUNTIMES:
         raise ExportError(f"runtime: expected one of {', '.join(RUNTIMES)}, got {runtime!r}")
     meta = read_meta(model_dir)
-    size, classes = meta["config"]["input_size"], meta["classes"]
+    size, classes = image_sizes(meta["config"]), meta["classes"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     logits = load_runtime(model_dir, runtime, device)
     predictions = []
@@ -143,7 +144,7 @@ def predict(model_dir: str | os.PathLike, paths: Iterable[str | os.PathLike], *,
     return predictions
 
 
-def _batches(paths: Iterable[Path], size: int, batch_size: int,
+def _batches(paths: Iterable[Path], size: tuple[int, int], batch_size: int,
              on_skip: Callable[[Path, str], None] | None) -> Iterator[tuple[list[Path], list[np.ndarray]]]:
     """(paths, decoded images) of up to batch_size files at a time, decoded in threads (PIL
     releases the GIL); the unreadable ones go to on_skip."""
