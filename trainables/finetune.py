@@ -153,8 +153,9 @@ def _download(arch: str, url: str, path: Path) -> None:
     when complete and its sha256 matches the prefix in its name (else removed)."""
     found = torch.hub.HASH_REGEX.search(path.name)
     hash_prefix = found.group(1) if found else None
-    remedy = (f"copy {url} to {path} on this machine (or set {WEIGHTS_MIRROR_ENV} to a mirror), "
-              "or use pretrained: <run folder> of this project")
+    original = torchvision_url(arch)
+    mirror = "" if url != original else f" (or set {WEIGHTS_MIRROR_ENV} to a mirror of {original.rsplit('/', 1)[0]}/)"
+    remedy = f"copy {original} to {path} on this machine{mirror}, or use pretrained: <run folder> of this project"
     try:
         torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix, progress=True)
     except RuntimeError as error:

@@ -243,8 +243,8 @@ def data() -> None:
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1)
 @click.option("--seed", type=int, default=0)
 @click.option("--weights", "weights_archs", multiple=True, type=click.Choice(IMAGENET_ARCHS),
-              help="Download torchvision's ImageNet weights for ARCH into torch's hub cache (repeatable); "
-                   "given without --dataset/--data, only the weights are fetched.")
+              help="Download torchvision's ImageNet weights for this arch into torch's hub cache "
+                   "(repeatable); given without --dataset/--data, only the weights are fetched.")
 @click.pass_context
 @user_errors
 def prepare(ctx: click.Context, dataset: str, data_path: str | None, input_size: int, val_fraction: float,
