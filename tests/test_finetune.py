@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -208,13 +209,20 @@ def test_trainer_with_a_missing_pretrained_run_raises_pretrained_error(tiny_conf
         Trainer(config, tiny_splits, device="cpu")
 
 
-# --- torchvision ImageNet weights, from the local torch hub cache only -----------------------
+# --- torchvision ImageNet weights in the torch hub cache (downloads: tests/test_weights.py) -
 
 @pytest.fixture
 def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No weights cached, and a download is refused at once (a closed local port as the mirror):
+    the tests never reach the internet. tests/test_weights.py has the downloads."""
     home = tmp_path / "torch-home"
     home.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(home))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("TUNE_RESNET_WEIGHTS_URL", f"http://127.0.0.1:{port}/")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     return home
 
 

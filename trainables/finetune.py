@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import functools
+import http.client
 import logging
+import os
 from pathlib import Path
+from urllib.error import HTTPError
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from .checkpoint import CHECKPOINT_FILE, CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
@@ -107,23 +111,69 @@ def _torchvision_arch(config: TrainConfig) -> str:
     return arch
 
 
-def _torchvision_weights(arch: str) -> Path:
-    """The local file of torchvision's ImageNet weights for `arch` (machines here have no internet)."""
+# torchvision's ImageNet weights: downloaded on first use into torch's hub cache, once per node
+
+WEIGHTS_MIRROR_ENV = "TUNE_RESNET_WEIGHTS_URL"  # a base URL in place of https://download.pytorch.org/models/
+
+
+def torchvision_url(arch: str) -> str:
+    """torchvision's own URL of its ImageNet weights for `arch`; the file name ends in the first
+    hex digits of the file's sha256, which torch's download checks."""
     import torchvision.models as tvm
 
-    weights = tvm.get_weight(f"{arch.replace('resnet', 'ResNet')}_Weights.IMAGENET1K_V1")
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not path.exists():
-        raise PretrainedError(f"pretrained: ImageNet weights for {arch} are not in the torch cache ({path}); "
-                              f"download {weights.url} there on a machine with internet, "
-                              "or use pretrained: <run folder> of this project")
+    return tvm.get_weight(f"{arch.replace('resnet', 'ResNet')}_Weights.IMAGENET1K_V1").url
+
+
+def weights_source(arch: str) -> tuple[str, Path]:
+    """(URL to download from, file in torch's hub cache). A mirror keeps the file name, and with
+    it the hash the file is checked against: it can serve torchvision's weights and nothing else."""
+    url = torchvision_url(arch)
+    name = url.rsplit("/", 1)[-1]
+    mirror = os.environ.get(WEIGHTS_MIRROR_ENV, "").strip()
+    if mirror:
+        url = f"{mirror.rstrip('/')}/{name}"
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def fetch_torchvision_weights(arch: str) -> Path:
+    """The local file of torchvision's ImageNet weights for `arch`, downloaded if not cached yet.
+    Trials that start together on one node wait on the lock and read the one file it downloads."""
+    url, path = weights_source(arch)
+    if path.is_file():  # cached (or put there by hand): no network, no lock, a read-only cache works
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():  # another process may have downloaded it while this one waited
+            _download(arch, url, path)
     return path
 
 
+def _download(arch: str, url: str, path: Path) -> None:
+    """torch's own download: a progress bar on stderr, a temporary file moved into place only
+    when complete and its sha256 matches the prefix in its name (else removed)."""
+    found = torch.hub.HASH_REGEX.search(path.name)
+    hash_prefix = found.group(1) if found else None
+    original = torchvision_url(arch)
+    mirror = "" if url != original else f" (or set {WEIGHTS_MIRROR_ENV} to a mirror of {original.rsplit('/', 1)[0]}/)"
+    remedy = f"copy {original} to {path} on this machine{mirror}, or use pretrained: <run folder> of this project"
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=hash_prefix, progress=True)
+    except RuntimeError as error:
+        if "invalid hash value" not in str(error):
+            raise
+        raise PretrainedError(f"pretrained: ImageNet weights for {arch} from {url} are corrupt (their sha256 "
+                              f"does not start with {hash_prefix}); not cached; {remedy}") from None
+    except (OSError, ValueError, http.client.HTTPException) as error:  # refused, no DNS, 404, cut off, bad URL
+        reason = error if isinstance(error, HTTPError) else getattr(error, "reason", error)
+        first = str(reason).strip().splitlines()[0] if str(reason).strip() else type(error).__name__
+        raise PretrainedError(f"pretrained: cannot download ImageNet weights for {arch} from {url} "
+                              f"({first}); {remedy}") from None
+
+
 def _from_torchvision(config: TrainConfig, num_classes: int) -> ResNet:
-    """ImageNet weights from the local torch hub cache."""
+    """ImageNet weights from torch's hub cache, downloaded there on first use."""
     arch = _torchvision_arch(config)
-    state = torch.load(_torchvision_weights(arch), map_location="cpu", weights_only=True)
+    state = torch.load(fetch_torchvision_weights(arch), map_location="cpu", weights_only=True)
     model = create_model(arch, num_classes=1000, width=64, stem=config.stem,
                          input_size=config.input_size, dropout=config.dropout)
     if model.conv1.weight.shape != state["conv1.weight"].shape:
@@ -137,11 +187,12 @@ def _from_torchvision(config: TrainConfig, num_classes: int) -> ResNet:
 
 def check_model(config: TrainConfig) -> None:
     """What a run would refuse about its model, found without training or memory: the pretrained
-    start is there (a checkpoint of this project, or torchvision's weights in the local cache), the
+    start is there (a checkpoint of this project, or torchvision's weights: downloaded now into the
+    hub cache if missing, so a machine that cannot get them fails here, before any trial), the
     model builds (shapes only) and the freeze strategy fits it. Raises ValueError naming the key."""
     resolved = model_config_of(config)  # reads a pretrained checkpoint's config; checks a torchvision arch
     if config.pretrained is not None and config.pretrained.startswith("torchvision"):
-        _torchvision_weights(resolved.arch)
+        fetch_torchvision_weights(resolved.arch)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = create_model(resolved.arch, num_classes=10, depth=resolved.depth, width=resolved.width,
                              stem=resolved.stem, input_size=resolved.input_size, dropout=resolved.dropout)

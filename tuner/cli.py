@@ -15,7 +15,8 @@ import yaml
 from search_spaces import SpaceError
 from trainables.config import SCHEDULES, TrainConfig, check_config
 from trainables.data import DataError, check_splits, load_data, make_splits
-from trainables.finetune import PretrainedError, check_model
+from trainables.finetune import PretrainedError, check_model, fetch_torchvision_weights
+from trainables.models import IMAGENET_ARCHS
 
 from .search import SearchError, SearchOptions, check_writable
 
@@ -243,10 +244,27 @@ def data() -> None:
 @click.option("--storage-size", type=click.IntRange(min=8), help="Cached side [default: input size up to 64 px, else 8/7 of it].")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1)
 @click.option("--seed", type=int, default=0)
+@click.option("--weights", "weights_archs", multiple=True, type=click.Choice(IMAGENET_ARCHS),
+              help="Download torchvision's ImageNet weights for this arch into torch's hub cache "
+                   "(repeatable); given without --dataset/--data, only the weights are fetched.")
+@click.pass_context
 @user_errors
-def prepare(dataset: str, data_path: str | None, input_size: int, storage_size: int | None, val_fraction: float,
-            seed: int) -> None:
-    """Decode the images once into the tensor cache (run it on every node of a cluster)."""
+def prepare(ctx: click.Context, dataset: str, data_path: str | None, input_size: int, storage_size: int | None,
+            val_fraction: float, seed: int, weights_archs: tuple[str, ...]) -> None:
+    """Decode the images once into the tensor cache and fetch pretrained weights (run it on every
+    node of a cluster)."""
+    for arch in weights_archs:
+        click.echo(f"weights: {arch} -> {fetch_torchvision_weights(arch)}")
+    given = {name: ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
+             for name in ("dataset", "data_path")}
+    if weights_archs and not any(given.values()):  # `data prepare --weights resnet50`: no dataset asked for
+        return
+    _prepare_data(dataset, data_path, input_size=input_size, storage_size=storage_size,
+                  val_fraction=val_fraction, seed=seed)
+
+
+def _prepare_data(dataset: str, data_path: str | None, *, input_size: int, storage_size: int | None,
+                  val_fraction: float, seed: int) -> None:
     start = time.monotonic()
     found = load_data(dataset, data_path, input_size=input_size, storage_size=storage_size, progress=True)
     elapsed = time.monotonic() - start
