@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import trainables.data as data_module
-from trainables.data import DataError, ImageData, augment, channel_stats, load_data, make_splits
+from trainables.data import DataError, ImageData, Splits, augment, channel_stats, load_data, make_splits
 from conftest import CLASS_CHANNEL, IMAGE_SIZE, TEST_PER_CLASS, TRAIN_PER_CLASS, colour_image
 
 CLASSES = sorted(CLASS_CHANNEL)
@@ -415,3 +415,125 @@ def test_cutout_zeroes_a_square_of_the_given_side(side: int) -> None:
         sides.append((len(rows), len(cols)))
     assert max(max(s) for s in sides) == side, "the hole is larger than cutout"
     assert (side, side) in sides  # unclipped holes are side x side
+
+
+# ---------------------------------------------------------------------------------------------
+# Photos as users have them: orientation, modes, sizes; the storage size and its centre crop
+# ---------------------------------------------------------------------------------------------
+
+def _photo_folder(root: Path) -> Path:
+    """train/ and test/ of two classes, each image in another mode, size or format."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name, channel in (("blue", 2), ("red", 0)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            base = colour_image(rng, channel, width=48, height=32)
+            Image.fromarray(base).save(folder / "rgb.jpg", quality=95)
+            Image.fromarray(base).convert("L").save(folder / "grey.png")
+            Image.fromarray(base).convert("P").save(folder / "palette.gif")
+            Image.fromarray(base).convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+            rgba = Image.fromarray(base).convert("RGBA")
+            rgba.putalpha(0)  # fully transparent: laid on white
+            rgba.save(folder / "transparent.png")
+            Image.fromarray(base).resize((300, 200)).save(folder / "large.webp")
+    return root
+
+
+def test_photos_of_every_mode_are_decoded(tmp_path: Path) -> None:
+    data = _load(_photo_folder(tmp_path / "photos"), input_size=16)
+    assert data.skipped == 0 and data.train_images.shape == (12, 3, 16, 16)
+    transparent = data.train_images[data.train_labels == 0][-1]  # blue: sorted file names, transparent.png last
+    assert torch.all(transparent == 255)
+    for label, channel in ((0, 2), (1, 0)):  # each class's bright channel survives every format but grey
+        colour = [0, 2, 3, 4]  # cmyk.jpg, large.webp, palette.gif, rgb.jpg: not grey.png, transparent.png
+        images = data.train_images[data.train_labels == label][colour].double().mean(dim=(0, 2, 3))
+        assert int(images.argmax()) == channel
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)."""
+    upright = np.zeros((20, 40, 3), dtype=np.uint8)
+    upright[:, :20] = 255  # left half white as viewed
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 40 high, 20 wide on disk
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=100)
+    decoded = data_module.decode_image(tmp_path / "photo.jpg", 20)  # shorter side 20: the centre 20x20
+    assert decoded.shape == (20, 20, 3)
+    assert decoded[:, :8].mean() > 200 and decoded[:, 12:].mean() < 50  # white left, dark right, as viewed
+
+
+def test_decoding_uses_all_cores_and_skips_unreadable_files(make_image_folder: Callable[..., Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = make_image_folder(train_per_class=90, test_per_class=3)
+    (folder / "train" / "red" / "zz_broken.png").write_bytes(b"not an image")
+    workers = []
+    original = data_module.ProcessPoolExecutor
+
+    def spy(max_workers, **kwargs):
+        workers.append(max_workers)
+        return original(max_workers, **kwargs)
+    monkeypatch.setattr(data_module, "ProcessPoolExecutor", spy)
+    monkeypatch.setattr(data_module.os, "cpu_count", lambda: 2)
+    data = _load(folder)
+    assert workers[0] == 2  # 270 training images: more than one task per core
+    assert data.skipped == 1 and len(data.train_labels) == 270
+    reference = torch.from_numpy(np.array(Image.open(folder / "train" / "red" / "red_089.png"))).permute(2, 0, 1)
+    assert torch.equal(data.train_images[-1], reference)  # the rows after the skipped file are in place
+
+
+def test_storage_size_keeps_a_margin_and_evaluation_sees_its_centre(make_image_folder: Callable[..., Path]) -> None:
+    folder = make_image_folder(train_per_class=4, test_per_class=1, width=40, height=30)
+    stored = load_data("imagefolder", folder, input_size=16, storage_size=24)
+    assert stored.image_size == 24 and stored.cache_path.name.startswith("imagefolder-24px-")
+    path = sorted((folder / "train" / "blue").iterdir())[0]
+    expected = data_module.center_crop(stored.train_images[0], 16).permute(1, 2, 0).numpy()
+    assert np.array_equal(data_module.decode_centre(path, storage_size=24, input_size=16), expected)
+
+
+@pytest.mark.parametrize("input_size, expected", [(16, 16), (32, 32), (64, 64), (224, 256), (96, 110)])
+def test_default_storage_size(input_size: int, expected: int) -> None:
+    from trainables.config import resolve_storage_size
+
+    assert resolve_storage_size(input_size) == expected
+
+
+def test_resized_crop_of_the_whole_image_is_the_image() -> None:
+    images = torch.rand(4, 3, 12, 12)
+    generator = torch.Generator().manual_seed(0)
+    same = augment(images, flip=False, crop_padding=0, cutout=0, generator=generator, resized_crop=(1.0, 1.0))
+    assert torch.allclose(same, images, atol=1e-5)
+    flipped = augment(images, flip=True, crop_padding=0, cutout=0, generator=torch.Generator().manual_seed(1),
+                      resized_crop=(1.0, 1.0))
+    for image, out in zip(images, flipped):  # each image is itself or its mirror
+        assert torch.allclose(out, image, atol=1e-5) or torch.allclose(out, image.flip(2), atol=1e-5)
+
+
+def test_resized_crop_takes_crops_of_the_scale_asked() -> None:
+    """A 64-px image whose pixel value is its column: a crop of area share s has columns spanning
+    about sqrt(s) of the width when the ratio is 1."""
+    columns = torch.arange(64.0).expand(32, 3, 64, 64).contiguous()
+    out = augment(columns, flip=False, crop_padding=0, cutout=0, generator=torch.Generator().manual_seed(0),
+                  size=16, resized_crop=(0.25, 1.0))
+    assert out.shape == (32, 3, 16, 16)
+    spans = (out[:, 0, 0, -1] - out[:, 0, 0, 0]) * 16 / 15 / 64  # fraction of the width covered
+    assert spans.min() >= 0.5 - 0.05 and spans.max() <= 1.0 + 1e-4
+
+
+def test_training_from_the_map_equals_training_from_memory(tiny_config, tiny_splits) -> None:
+    from trainables.train import Trainer
+
+    copied = Splits(tiny_splits.images.clone(), tiny_splits.labels.clone(), tiny_splits.train_index,
+                    tiny_splits.val_index, tiny_splits.classes, tiny_splits.mean, tiny_splits.std)
+    a = Trainer(tiny_config, tiny_splits, device="cpu").fit()
+    b = Trainer(tiny_config, copied, device="cpu").fit()
+    assert [m.val_loss for m in a] == [m.val_loss for m in b]
+
+
+def test_the_cache_is_memory_mapped(image_folder: Path) -> None:
+    data = _load(image_folder)
+    assert data.train_images.untyped_storage().nbytes() == data.train_images.numel()  # no copy...
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    if maps:  # ...but the file's pages, mapped
+        assert str(data.cache_path / "train_images.npy") in maps

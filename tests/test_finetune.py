@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 from trainables.checkpoint import load_checkpoint, save_checkpoint, save_weights
-from trainables.config import TrainConfig
+from trainables.config import TrainConfig, check_config
 from trainables.data import Splits
 from trainables.finetune import PretrainedError, apply_freeze, build_model, param_groups
 from trainables.models import ResNet, create_model, resolve_stem
@@ -333,3 +333,53 @@ def test_check_model_follows_the_pretrained_runs_architecture(source_run: dict, 
     with pytest.raises(ValueError, match=f"expected 0..{stages} for this model"):
         check_model(tiny_config.replace(arch="resnet18", pretrained=str(source_run["checkpoint"]), freeze="stages",
                                         frozen_stages=stages + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Unfreezing on a schedule: the frozen base first, then everything
+# ---------------------------------------------------------------------------------------------
+
+def _stem_and_head(model) -> tuple[torch.Tensor, torch.Tensor]:
+    return model.conv1.weight.detach().clone(), model.fc.weight.detach().clone()
+
+
+def test_unfreeze_epoch_trains_the_head_first_then_everything(tiny_config: TrainConfig, tiny_splits: Splits) -> None:
+    config = tiny_config.replace(freeze="linear", unfreeze_epoch=1, epochs=2, layer_decay=0.5)
+    trainer = Trainer(config, tiny_splits, device="cpu")
+    stem, head = _stem_and_head(trainer.model)
+    trainer.train_epoch()
+    trainer.epoch += 1
+    after_first = _stem_and_head(trainer.model)
+    assert torch.equal(after_first[0], stem) and not torch.equal(after_first[1], head)  # only the head moved
+    trainer.train_epoch()
+    after_second = _stem_and_head(trainer.model)
+    assert not torch.equal(after_second[0], stem)  # the base thawed at epoch 1
+    assert all(p.requires_grad for p in trainer.model.parameters())
+    # the thawed stem trains at the layer-wise decayed rate: it is in a group of its own scale
+    scales = {group["lr_scale"] for group in trainer.optimizer.param_groups
+              if any(p is trainer.model.conv1.weight for p in group["params"])}
+    assert scales == {0.5 ** (trainer.model.num_stages + 1)}
+
+
+def test_unfreeze_epoch_resumes_exactly_across_the_switch(tiny_config: TrainConfig, tiny_splits: Splits,
+                                                         tmp_path: Path) -> None:
+    config = tiny_config.replace(freeze="stages", frozen_stages=2, unfreeze_epoch=2, epochs=3,
+                                 optimizer="adamw", lr=0.01, momentum=0.9)
+    uninterrupted = Trainer(config, tiny_splits, device="cpu")
+    uninterrupted.fit()
+    interrupted = Trainer(config, tiny_splits, device="cpu")
+    for metrics in interrupted.epochs():
+        if metrics.epoch == 2:  # stopped at the switch: the next epoch is the first unfrozen one
+            break
+    save_checkpoint(tmp_path / "run", interrupted.state_dict())
+    resumed = Trainer(config, tiny_splits, device="cpu")
+    resumed.load_state_dict(load_checkpoint(tmp_path / "run"))
+    resumed.fit()
+    for (name, a), b in zip(resumed.model.state_dict().items(), uninterrupted.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in uninterrupted.history]
+
+
+def test_unfreeze_epoch_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="unfreeze_epoch"):
+        check_config(TrainConfig(unfreeze_epoch=-1))
