@@ -29,17 +29,18 @@ from trainables.train import Trainer, flush_denormals
 class HandWrittenLoop:
     """The minimal loop: pre-normalised float images on the device, shuffle, step."""
 
-    def __init__(self, splits, config: TrainConfig, device: torch.device) -> None:
+    def __init__(self, splits, config: TrainConfig, device: torch.device, *, channels_last: bool) -> None:
         self.device, self.batch_size = device, config.batch_size
         self.cuda = device.type == "cuda"
         torch.manual_seed(config.seed)
         self.model = create_model(config.arch, num_classes=len(splits.classes), depth=config.depth,
                                   width=config.width, input_size=config.input_size).to(device)
-        if self.cuda:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=memory_format)
         mean = torch.tensor(splits.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(splits.std, device=device).view(1, 3, 1, 1)
-        self.images = ((splits.train_images.to(device).float() / 255) - mean) / std
+        images = ((splits.train_images.to(device).float() / 255) - mean) / std
+        self.images = images.contiguous(memory_format=memory_format)
         self.labels = splits.train_labels.to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=0.9, nesterov=True,
                                          weight_decay=config.weight_decay)
@@ -86,6 +87,10 @@ def main() -> None:
                         help="the project's loop keeps a weight average of this half-life in epochs, as "
                              "spaces/quick.yaml's trials do (the hand-written loop has none)")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the timed epochs")
+    parser.add_argument("--hand-contiguous", action="store_true",
+                        help="the hand-written loop in NCHW (default: channels_last, NHWC, on any device)")
+    parser.add_argument("--formats", action="store_true",
+                        help="also time the project's loop with NCHW tensors (channels_last off), in the rotation")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     flush_denormals()  # what every entry point of the project does first; both loops share it
@@ -109,7 +114,14 @@ def main() -> None:
     if args.ema:  # the same loop without the average, in the same rotation: what the average costs
         loops["project_no_ema"] = Trainer(config.replace(epochs=2 * args.rounds * args.epochs, ema=0.0),
                                           splits, device=device)
-    hand_loop = HandWrittenLoop(splits, config, device)
+    if args.formats:  # the same loop, NCHW: what channels_last is worth on this device
+        import trainables.train as train_module
+
+        chosen = train_module.channels_last_is_faster
+        train_module.channels_last_is_faster = lambda device: False
+        loops["project_nchw"] = Trainer(config.replace(epochs=2 * args.rounds * args.epochs), splits, device=device)
+        train_module.channels_last_is_faster = chosen
+    hand_loop = HandWrittenLoop(splits, config, device, channels_last=not args.hand_contiguous)
     ema_seconds = [0.0]  # time inside the average's per-step update, within the timed epochs
     if args.ema:
         update = loops["project"].ema.update
@@ -150,6 +162,10 @@ def main() -> None:
         "ratio_paired": statistics.median(p / h for p, h in zip(project, hand)),
         "val_acc_after_epochs": val_acc,
     }
+    if args.formats:
+        result["project_nchw_images_per_sec"] = statistics.median(speeds["project_nchw"])
+        result["channels_last_ratio_paired"] = statistics.median(p / q for p, q in zip(project, speeds["project_nchw"]))
+    result["hand_memory_format"] = "contiguous" if args.hand_contiguous else "channels_last"
     if args.ema:  # the loop with the weight average against the same loop without it
         result["project_no_ema_images_per_sec"] = statistics.median(speeds["project_no_ema"])
         result["ema_ratio"] = result["project_images_per_sec"] / result["project_no_ema_images_per_sec"]

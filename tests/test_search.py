@@ -494,7 +494,7 @@ SHIPPED_SPACES = sorted([*(ROOT / "spaces").glob("*.yaml"), *(ROOT / "bench" / "
 
 def test_the_shipped_spaces_are_all_found():
     names = {str(p.relative_to(ROOT)) for p in SHIPPED_SPACES}
-    assert {"spaces/quick.yaml", "spaces/scratch.yaml", "spaces/finetune.yaml", "spaces/resnet18.yaml",
+    assert {"spaces/quick.yaml", "spaces/scratch.yaml", "spaces/finetune.yaml", "spaces/finetune_run.yaml", "spaces/resnet18.yaml",
             "bench/spaces/quick_wide.yaml", "bench/spaces/quick_16.yaml", "bench/spaces/quick_full.yaml"} <= names
 
 
