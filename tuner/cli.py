@@ -280,8 +280,8 @@ def prepare(dataset: str, data_path: str | None, input_size: int, val_fraction: 
 
 @main.command("export")
 @click.argument("run_dir", type=click.Path())
-@click.option("--formats", default="torchscript,onnx,safetensors",
-              help="Comma-separated: torchscript, onnx, safetensors, pt2 (torch.export).")
+@click.option("--formats", default="pt2,onnx,safetensors",
+              help="Comma-separated: pt2 (torch.export), onnx, safetensors, torchscript (deprecated by torch).")
 @user_errors
 @torch_command
 def export_command(run_dir: str, formats: str) -> None:
@@ -307,8 +307,9 @@ SKIPS_SHOWN = 10
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=click.IntRange(min=1), default=1, help="Classes shown per image.")
 @click.option("--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table")
-@click.option("--runtime", type=click.Choice(["torch", "onnx", "torchscript", "pt2"]), default="torch",
-              help="torch: weights.safetensors; the others: the export of that name.")
+@click.option("--runtime", type=click.Choice(["auto", "pt2", "onnx", "torchscript", "torch"]), default="auto",
+              help="auto: the first export config.json lists of pt2, onnx, torchscript, else the weights; "
+                   "torch: weights.safetensors; the others: the export of that name.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
 @user_errors
 @torch_command
