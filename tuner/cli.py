@@ -44,8 +44,9 @@ def user_errors(command):
 
 
 def torch_command(command):
-    """A command that runs torch: denormals flushed before its first parallel op (worker threads
-    inherit the mode). Here, not in the group's callback, which runs before `search -h` is parsed."""
+    """A command that runs a model: denormals flushed before its first parallel op (worker threads
+    inherit the mode). Not in the group's callback, which runs before `search -h` is parsed and for
+    `status`; `data prepare` decodes to uint8, where no denormal arises, and goes without."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from trainables.train import flush_denormals
