@@ -107,7 +107,8 @@ class RefitSpec(_Section):
 
 
 class ExportSpec(_Section):
-    formats: tuple[Literal["torchscript", "onnx", "safetensors", "pt2"], ...] = ("torchscript", "onnx", "safetensors")
+    # pt2: torch.export (torch.export.load(...).module()); torchscript on request: torch 2.10+ deprecates torch.jit
+    formats: tuple[Literal["pt2", "onnx", "torchscript", "safetensors"], ...] = ("pt2", "onnx", "safetensors")
 
 
 # ---------------------------------------------------------------- the spec

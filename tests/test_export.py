@@ -6,6 +6,7 @@ One tiny model is trained (refit=True) and exported once per module; the tests r
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -23,13 +24,16 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import trainables.run as run_module
+import tuner.predict as predict_module
 from trainables.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from trainables.config import TrainConfig
 from trainables.data import ImageData, decode_image, normalize
 from trainables.run import run_training
 from trainables.train import Trainer
 from tuner.cli import main
-from tuner.export import FORMATS, export_model, load_raw_pixel_model
+from search_spaces._spec import ExportSpec
+from tuner.export import DEFAULT_FORMATS, FORMATS, export_model, load_raw_pixel_model
+from tuner.predict import RUNTIMES
 from tuner.refit import refit
 
 ATOL = 1e-4  # logits; the exports run the same float32 operations, in another order at most
@@ -104,7 +108,7 @@ def _exported_logits(model_dir: Path, export: str, batch: torch.Tensor) -> torch
 def test_export_reproduces_the_in_memory_model(trained, export: str) -> None:
     images = trained.data.test_images  # uint8 (18, 3, 16, 16)
     expected = _in_memory_logits(trained, images)
-    for count in (1, len(images)):  # traced/exported with 2 images: the batch axis must be free
+    for count in (1, 7, len(images)):  # traced/exported with 2 images: the batch axis must be free
         with torch.inference_mode():
             got = _exported_logits(trained.model_dir, export, images[:count].float())  # RGB 0-255 in
         torch.testing.assert_close(got, expected[:count], atol=ATOL, rtol=0)
@@ -132,7 +136,7 @@ def test_model_card_snippets_run_without_this_project(trained, expected, tmp_pat
     """The card's plain-torch and onnxruntime snippets, run as written on one test image."""
     card = (trained.model_dir / "README.md").read_text()
     snippets = [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
-    assert len(snippets) == 2
+    assert len(snippets) == 3  # one per program in the folder: pt2, onnx, torchscript
     folder = shutil.copytree(trained.model_dir, tmp_path / "model")
     path = next(iter(expected))
     shutil.copy(path, folder / "image.jpg")  # a PNG by content: PIL goes by content, not name
@@ -140,7 +144,7 @@ def test_model_card_snippets_run_without_this_project(trained, expected, tmp_pat
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", "\n".join(snippets) + check], cwd=folder,
                             capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [expected[path]] * 2
+    assert result.stdout.split() == [expected[path]] * 3
 
 
 def test_config_metrics_labels_and_card(trained) -> None:
@@ -164,7 +168,8 @@ def test_config_metrics_labels_and_card(trained) -> None:
     card = (folder / "README.md").read_text()
     for text in ("cifar_resnet, depth 8, base width 4", f"{metrics['macs_per_image']:,}", "| blue |",
                  f"Test accuracy: {metrics['test_acc']:.4f} on 18 images", "pixel values in [0, 255]",
-                 'torch.jit.load("model.ts")', 'ort.InferenceSession("model.onnx")'):
+                 'torch.export.load("model.pt2").module()', 'torch.jit.load("model.ts")',
+                 'ort.InferenceSession("model.onnx")'):
         assert text in card
 
 
@@ -211,7 +216,7 @@ def _parse(output: str, output_format: str) -> dict[str, list[tuple[str, float]]
 
 
 @pytest.mark.parametrize(("output_format", "runtime"), [("table", "torch"), ("json", "onnx"),
-                                                         ("csv", "torchscript"), ("json", "pt2")])
+                                                         ("csv", "torchscript"), ("json", "pt2"), ("csv", "auto")])
 def test_predict_matches_the_model_and_its_test_accuracy(trained, expected, image_folder: Path,
                                                          output_format: str, runtime: str) -> None:
     result = _run("predict", "--model", trained.model_dir, image_folder / "test", "--format", output_format,
@@ -321,15 +326,68 @@ def test_export_command_reexports_a_run_folder(trained, expected, tmp_path: Path
         (model_dir / name).unlink()
     result = _run("export", tmp_path / "run")  # the run folder: its best/ is exported
     assert result.exit_code == 0, result.output
-    assert all((model_dir / name).is_file() for name in ("model.ts", "model.onnx", "labels.txt", "README.md"))
+    assert all((model_dir / name).is_file() for name in ("model.pt2", "model.onnx", "labels.txt", "README.md"))
+    assert not (model_dir / "model.ts").exists()  # TorchScript only on request
     meta = json.loads((model_dir / "config.json").read_text())
-    assert meta["exports"] == {"torchscript": "model.ts", "onnx": "model.onnx", "safetensors": "weights.safetensors"}
-    result = _run("export", model_dir, "--formats", "pt2")
+    assert meta["exports"] == {"pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "weights.safetensors"}
+    card = (model_dir / "README.md").read_text()
+    assert 'torch.export.load("model.pt2").module()' in card and "torch.jit" not in card
+    result = _run("export", model_dir, "--formats", "torchscript")
     assert result.exit_code == 0, result.output
-    assert json.loads((model_dir / "config.json").read_text())["exports"]["pt2"] == "model.pt2"
+    assert json.loads((model_dir / "config.json").read_text())["exports"] == {
+        "pt2": "model.pt2", "onnx": "model.onnx", "safetensors": "weights.safetensors", "torchscript": "model.ts"}
+    assert 'torch.jit.load("model.ts")' in (model_dir / "README.md").read_text()
     path = next(iter(expected))
     result = _run("predict", "--model", tmp_path / "run", path, "--runtime", "onnx", "--format", "csv")
     assert result.exit_code == 0 and _parse(result.stdout, "csv")[path][0][0] == expected[path]
+
+
+def test_the_cli_spells_out_the_export_modules_defaults() -> None:
+    """The CLI names them without importing tuner.export (torch): the same values, checked here."""
+    options = {p.name: p for p in main.commands["export"].params + main.commands["predict"].params}
+    assert options["formats"].default == ",".join(DEFAULT_FORMATS) == ",".join(ExportSpec().formats)
+    assert tuple(options["runtime"].type.choices) == RUNTIMES and options["runtime"].default == "auto"
+    assert DEFAULT_FORMATS == ("pt2", "onnx", "safetensors") and "torchscript" in FORMATS
+
+
+def _predict_recording_runtime(monkeypatch, model_dir: Path, path: str):
+    """(the runtime predict loaded, its csv result)."""
+    chosen = []
+    load = predict_module.load_runtime
+    monkeypatch.setattr(predict_module, "load_runtime",
+                        lambda folder, runtime, device: chosen.append(runtime) or load(folder, runtime, device))
+    result = _run("predict", "--model", model_dir, path, "--format", "csv")
+    assert result.exit_code == 0, result.output
+    return chosen[0], _parse(result.stdout, "csv")[path][0][0]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+@pytest.mark.parametrize(("case", "runtime"), [("every export", "pt2"), ("no pt2 file", "onnx"),
+                                               ("no pt2, no onnxruntime", "torchscript"),
+                                               ("old folder: model.ts and onnx", "onnx"),
+                                               ("old folder: model.ts alone", "torchscript"),
+                                               ("retrained: exports unlisted", "torch")])
+def test_predict_auto_runs_the_first_export_listed(trained, expected, tmp_path: Path, monkeypatch, case: str,
+                                                   runtime: str) -> None:
+    model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
+    if case.startswith("no pt2"):
+        (model_dir / "model.pt2").unlink()  # config.json still lists it
+    if case == "no pt2, no onnxruntime":
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *args: None if name == "onnxruntime" else find_spec(name, *args))
+    if case.startswith("old folder"):  # exported before pt2 was the default
+        (model_dir / "model.pt2").unlink()
+        kept = {"torchscript": "model.ts", "safetensors": "weights.safetensors"}
+        if case.endswith("and onnx"):
+            kept["onnx"] = "model.onnx"
+        else:
+            (model_dir / "model.onnx").unlink()
+        _edit_config(model_dir, lambda meta: meta.update(exports=kept))
+    if case.startswith("retrained"):  # save_weights rewrites config.json without exports: those files are stale
+        _edit_config(model_dir, lambda meta: meta.pop("exports"))
+    path = next(iter(expected))
+    assert _predict_recording_runtime(monkeypatch, model_dir, path) == (runtime, expected[path])
 
 
 def _edit_config(model_dir: Path, edit) -> Path:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -206,6 +208,17 @@ def test_status_of_a_finished_search(generated_run):
     assert "best val_acc so far: 0.8000 (trial aaaa0001, epoch 3)" in output
     assert "time left" not in output
     assert len(output.splitlines()) <= 25  # one screen
+
+
+def test_status_loads_neither_ray_torch_nor_optuna(generated_run):
+    """Status reads files (JSON, and pyarrow for the tables), so it answers in about a second
+    from another shell; checked in a fresh interpreter, this one has them all loaded."""
+    probe = (f"from tuner.cli import main\ntry:\n    main(['status', {str(generated_run)!r}])\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "import sys\nprint('loaded:', *(m for m in ('ray', 'torch', 'optuna') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "finished" in done.stdout, done.stdout + done.stderr
+    assert done.stdout.rpartition("loaded:")[2].split() == []
 
 
 def write_trial_folder(run: Path, trial_id: str, values: list[float], start: float, *, torn: bool = False) -> Path:

@@ -146,8 +146,19 @@ def test_defaults_fill_in(tmp_path: Path) -> None:
     assert (spec.budget.num_samples, spec.budget.max_epochs, spec.budget.grace_period) == (16, 10, 1)
     assert (spec.sampler.type, spec.sampler.seed, spec.sampler.multivariate) == ("tpe", 0, True)
     assert (spec.trial.cpus, spec.trial.gpus) == (1, 0)
-    assert spec.refit.epochs is None and spec.export.formats == ("torchscript", "onnx", "safetensors")
+    assert spec.refit.epochs is None and spec.export.formats == ("pt2", "onnx", "safetensors")
     assert spec.fixed == {}
+
+
+@pytest.mark.parametrize("formats", [["pt2"], ["torchscript"], ["pt2", "onnx", "torchscript", "safetensors"]])
+def test_export_formats_take_pt2_and_torchscript_on_request(tmp_path: Path, formats: list[str]) -> None:
+    text = MINIMAL + f"export: {{formats: [{', '.join(formats)}]}}\n"
+    assert load_space(_write(tmp_path, text, "quick.yaml")).export.formats == tuple(formats)
+
+
+def test_an_unknown_export_format_names_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(SpaceError, match="export.formats.0: expected one of pt2, onnx, torchscript, safetensors"):
+        load_space(_write(tmp_path, MINIMAL + "export: {formats: [tflite]}\n", "quick.yaml"))
 
 
 def test_parse_space_takes_a_dict() -> None:

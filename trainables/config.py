@@ -16,6 +16,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
 AUGMENTS = ("none", "flip", "crop_flip", "resized_crop")
 STEMS = ("auto", "cifar", "small", "imagenet")
+IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")  # torchvision has ImageNet weights for these
 
 
 @dataclass(frozen=True)

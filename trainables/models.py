@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
+from .config import IMAGENET_ARCHS  # noqa: F401  (re-exported: the torch-free list lives with the config)
 
 Block = type[BasicBlock] | type[Bottleneck]
 
@@ -112,7 +113,6 @@ MODELS: dict[str, Callable[..., ResNet]] = {
     "resnet34": partial(_imagenet_resnet, block=BasicBlock, layers=[3, 4, 6, 3]),
     "resnet50": partial(_imagenet_resnet, block=Bottleneck, layers=[3, 4, 6, 3]),
 }
-IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
 def list_models() -> list[str]:

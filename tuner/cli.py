@@ -1,4 +1,8 @@
-"""tune-resnet: search, train, refit and prepare data for ResNet image classifiers."""
+"""tune-resnet: search, train, refit and prepare data for ResNet image classifiers.
+
+Imports here are light (click, yaml, the torch-free trainables.config): `tune-resnet -h` and
+`status` load neither torch, Ray nor Optuna. A command imports what it needs when it runs.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +16,9 @@ from pathlib import Path
 import click
 import yaml
 
-from search_spaces import SpaceError
-from trainables.config import SCHEDULES, TrainConfig, check_config
-from trainables.data import DataError, check_splits, load_data, make_splits
-from trainables.finetune import PretrainedError, check_model, fetch_torchvision_weights
-from trainables.models import IMAGENET_ARCHS
+from trainables.config import IMAGENET_ARCHS, SCHEDULES, TrainConfig, check_config
 
-from .search import SearchError, SearchOptions, check_writable
+from .errors import SearchError, check_writable, is_user_error
 
 
 def user_errors(command):
@@ -27,8 +27,6 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (SpaceError, DataError, PretrainedError) as error:
-            raise SearchError(str(error)) from None
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise SearchError(f"disk full writing {error.filename or 'results'}: free space, or point --storage "
@@ -39,10 +37,22 @@ def user_errors(command):
             raise SearchError(f"{error.filename}: {what}; check the path and its permissions (--data, --storage, "
                               "--out, TUNE_RESNET_CACHE)") from None
         except Exception as error:
-            from ._ray import ClusterError  # imports Ray: only on this path
-            if isinstance(error, ClusterError):
+            if is_user_error(error):  # SpaceError, DataError, PretrainedError, ClusterError
                 raise SearchError(str(error)) from None
             raise
+    return wrapper
+
+
+def torch_command(command):
+    """A command that runs a model: denormals flushed before its first parallel op (worker threads
+    inherit the mode). Not in the group's callback, which runs before `search -h` is parsed and for
+    `status`; `data prepare` decodes to uint8, where no denormal arises, and goes without."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from trainables.train import flush_denormals
+
+        flush_denormals()
+        return command(*args, **kwargs)
     return wrapper
 
 
@@ -85,9 +95,6 @@ def _one_line(ctx: click.Context):
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def main() -> None:
     """Find, train and ship ResNet image classifiers: Ray Tune trials, Optuna samplers, ASHA."""
-    from trainables.train import flush_denormals
-
-    flush_denormals()  # before any parallel torch op: worker threads inherit the mode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,9 +121,10 @@ def main() -> None:
 @click.option("--refit/--no-refit", default=True, help="Refit the best configuration on train+val and test it.")
 @click.option("-v", "--verbose", is_flag=True, help="Ray's full output.")
 @user_errors
+@torch_command
 def search(**kwargs) -> None:
     """Search hyperparameters over a YAML space; refit and test the best configuration."""
-    from .search import run
+    from .search import SearchOptions, run
 
     start = time.monotonic()
     run(SearchOptions(**kwargs))
@@ -127,8 +135,11 @@ def search(**kwargs) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--epochs", type=click.IntRange(min=1), help="Refit epochs [default: the space's].")
 @user_errors
+@torch_command
 def refit_command(run_dir: str, epochs: int | None) -> None:
     """Refit the best configuration of a finished search on train+val; test it once."""
+    from trainables.finetune import check_model
+
     from .refit import refit, refit_config
 
     record_path, summary_path = Path(run_dir, "search.json"), Path(run_dir, "summary.json")
@@ -185,10 +196,12 @@ TRAIN_FLAGS = ("dataset", "data_path", "arch", "depth", "width", "epochs", "batc
 @click.option("--refit", is_flag=True, help="Train on train+val and evaluate the test split once.")
 @click.option("--out", "out_dir", default="runs/train", type=click.Path(file_okay=False), help="Output folder.")
 @user_errors
+@torch_command
 def train(config_file: str | None, refit: bool, out_dir: str, **flags) -> None:
     """Train one configuration; write checkpoint, weights and metrics.json to --out."""
     from tqdm import tqdm
 
+    from trainables.data import check_splits, load_data
     from trainables.run import run_training
 
     config = _train_config(config_file, flags)
@@ -208,6 +221,8 @@ def train(config_file: str | None, refit: bool, out_dir: str, **flags) -> None:
 
 
 def _train_config(config_file: str | None, flags: dict) -> TrainConfig:
+    from trainables.finetune import check_model
+
     values = {}
     if config_file:
         try:
@@ -253,6 +268,8 @@ def prepare(ctx: click.Context, dataset: str, data_path: str | None, input_size:
             val_fraction: float, seed: int, weights_archs: tuple[str, ...]) -> None:
     """Decode the images once into the tensor cache and fetch pretrained weights (run it on every
     node of a cluster)."""
+    from trainables.finetune import fetch_torchvision_weights
+
     for arch in weights_archs:
         click.echo(f"weights: {arch} -> {fetch_torchvision_weights(arch)}")
     given = {name: ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT
@@ -265,6 +282,8 @@ def prepare(ctx: click.Context, dataset: str, data_path: str | None, input_size:
 
 def _prepare_data(dataset: str, data_path: str | None, *, input_size: int, storage_size: int | None,
                   val_fraction: float, seed: int) -> None:
+    from trainables.data import load_data, make_splits
+
     start = time.monotonic()
     found = load_data(dataset, data_path, input_size=input_size, storage_size=storage_size, progress=True)
     elapsed = time.monotonic() - start
@@ -284,9 +303,10 @@ def _prepare_data(dataset: str, data_path: str | None, *, input_size: int, stora
 
 @main.command("export")
 @click.argument("run_dir", type=click.Path())
-@click.option("--formats", default="torchscript,onnx,safetensors",
-              help="Comma-separated: torchscript, onnx, safetensors, pt2 (torch.export).")
+@click.option("--formats", default="pt2,onnx,safetensors",
+              help="Comma-separated: pt2 (torch.export), onnx, safetensors, torchscript (deprecated by torch).")
 @user_errors
+@torch_command
 def export_command(run_dir: str, formats: str) -> None:
     """Export a model folder (or RUN_DIR/best) for use without tune-resnet; write a model card."""
     from .export import ExportError, export_model
@@ -310,10 +330,12 @@ SKIPS_SHOWN = 10
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=click.IntRange(min=1), default=1, help="Classes shown per image.")
 @click.option("--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table")
-@click.option("--runtime", type=click.Choice(["torch", "onnx", "torchscript", "pt2"]), default="torch",
-              help="torch: weights.safetensors; the others: the export of that name.")
+@click.option("--runtime", type=click.Choice(["auto", "pt2", "onnx", "torchscript", "torch"]), default="auto",
+              help="auto: the first export config.json lists of pt2, onnx, torchscript, else the weights; "
+                   "torch: weights.safetensors; the others: the export of that name.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
 @user_errors
+@torch_command
 def predict(model_dir: str, images: tuple[str, ...], top_k: int, output_format: str, runtime: str,
             batch_size: int) -> None:
     """Classify image files and folders (walked recursively), preprocessed as in training."""
@@ -347,6 +369,7 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, output_format: 
 @main.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @user_errors
+@torch_command
 def report_command(run_dir: str) -> None:
     """Write RUN_DIR/report.html (plots in RUN_DIR/report/) and RUN_DIR/optuna.journal."""
     from .report import write_report

@@ -1,6 +1,9 @@
 """Export a trained model folder for use without this project, and load it back without pickle.
 
-    export_model("runs/cifar/best")   # -> model.ts, model.onnx, labels.txt, README.md, config.json
+    export_model("runs/cifar/best")   # -> model.pt2, model.onnx, labels.txt, README.md, config.json
+
+The programs by default: torch.export's model.pt2 (torch.export.load(...).module()) and ONNX;
+TorchScript's model.ts on request (`--formats torchscript`): torch >= 2.10 deprecates torch.jit.
 
 Every export keeps one contract, written to config.json ("input") and the model card:
 float32 (N, 3, H, W) RGB pixel values in [0, 255] in, logits (N, classes) out. The training
@@ -23,9 +26,10 @@ from trainables.config import TrainConfig, check_config, image_sizes
 from trainables.models import ResNet, count_macs, count_parameters, create_model
 from trainables.run import METRICS_FILE
 
-FORMATS = ("torchscript", "onnx", "safetensors", "pt2")  # pt2: torch.export, TorchScript's successor
-DEFAULT_FORMATS = ("torchscript", "onnx", "safetensors")
-FILES = {"torchscript": "model.ts", "onnx": "model.onnx", "safetensors": WEIGHTS_FILE, "pt2": "model.pt2"}
+FORMATS = ("pt2", "onnx", "torchscript", "safetensors")  # pt2: torch.export, TorchScript's successor
+DEFAULT_FORMATS = ("pt2", "onnx", "safetensors")           # tuner/cli.py's export --formats spells it out too
+PROGRAMS = ("pt2", "onnx", "torchscript")                  # formats holding the graph, not only weights
+FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts", "safetensors": WEIGHTS_FILE}
 LABELS_FILE = "labels.txt"
 CARD_FILE = "README.md"
 RUN_BEST_DIR = "best"         # a search's run folder keeps its refit model here
@@ -144,7 +148,7 @@ def _write_onnx(model: RawPixelModel, example: torch.Tensor, path: Path) -> None
 
 
 def _write_pt2(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
-    batch = torch.export.Dim("batch", min=1)
+    batch = torch.export.Dim("batch", min=1)  # any batch size: the graph must not specialise to the example's 2
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, path)
 
@@ -304,22 +308,29 @@ def _card_contract(meta: dict[str, Any]) -> str:
 
 
 def _card_usage(meta: dict[str, Any]) -> str:
+    """A snippet per program in the folder (pt2, onnx, torchscript), each runnable without tune-resnet."""
     size = meta["input"]["size"]
     prepare = (f'image = ImageOps.fit(Image.open("image.jpg").convert("RGB"), ({size}, {size}), Image.BILINEAR)'
                "  # ~ training's resize + centre crop")
-    torch_snippet = ["import numpy as np, torch", "from PIL import Image, ImageOps",
-                     f'model = torch.jit.load("{FILES["torchscript"]}")',
-                     f'classes = open("{LABELS_FILE}").read().splitlines()',
-                     prepare,
-                     "x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float()  # RGB 0-255",
-                     "print(classes[model(x).argmax(1).item()])"]
-    onnx_snippet = ["import numpy as np, onnxruntime as ort", "from PIL import Image, ImageOps",
-                    f'session = ort.InferenceSession("{FILES["onnx"]}")',
-                    f'classes = open("{LABELS_FILE}").read().splitlines()',
-                    prepare,
-                    "x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None]  # RGB 0-255",
-                    f'print(classes[session.run(None, {{"{INPUT_NAME}": x}})[0].argmax()])']
-    return "\n".join(["## Use", "", "With plain PyTorch (TorchScript; no tune-resnet needed):", "", "```python",
-                      *torch_snippet, "```", "", "With onnxruntime:", "", "```python", *onnx_snippet, "```", "",
-                      "Or with tune-resnet, preprocessing exactly as in training:", "", "```sh",
+    head = ["from PIL import Image, ImageOps", f'classes = open("{LABELS_FILE}").read().splitlines()', prepare]
+    torch_x = "x = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].float()  # RGB 0-255"
+    snippets = {
+        "pt2": ("With plain PyTorch (torch.export; no tune-resnet needed):",
+                ["import numpy as np, torch", *head, f'model = torch.export.load("{FILES["pt2"]}").module()',
+                 torch_x, "print(classes[model(x).argmax(1).item()])"]),
+        "onnx": ("With onnxruntime:",
+                 ["import numpy as np, onnxruntime as ort", *head,
+                  f'session = ort.InferenceSession("{FILES["onnx"]}")',
+                  "x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None]  # RGB 0-255",
+                  f'print(classes[session.run(None, {{"{INPUT_NAME}": x}})[0].argmax()])']),
+        "torchscript": ("With TorchScript (deprecated by torch 2.10+, still loads):",
+                        ["import numpy as np, torch", *head, f'model = torch.jit.load("{FILES["torchscript"]}")',
+                         torch_x, "print(classes[model(x).argmax(1).item()])"]),
+    }
+    lines = ["## Use", ""]
+    for name in (n for n in PROGRAMS if n in meta["exports"]):
+        title, code = snippets[name]
+        lines += [title, "", "```python", *code, "```", ""]
+    return "\n".join([*lines, "Or with tune-resnet, preprocessing exactly as in training (the first of "
+                      f"{', '.join(FILES[n] for n in PROGRAMS)} listed here, else {WEIGHTS_FILE}):", "", "```sh",
                       "tune-resnet predict --model . IMAGE_OR_FOLDER... --top-k 3", "```"])

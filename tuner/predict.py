@@ -1,13 +1,15 @@
 """Classify image files with a model folder: preprocessed exactly as the training images were.
 
-Reads weights.safetensors + config.json (runtime torch) or an export (model.ts, model.onnx,
-model.pt2); never checkpoint.pt. Images are decoded by trainables.data.decode_image, the
+Reads weights.safetensors + config.json (runtime torch) or an export (model.pt2, model.onnx,
+model.ts); never checkpoint.pt. By default (runtime auto) the export that ships: the first of
+pt2, onnx, torchscript that config.json lists, else the weights. Images are decoded by trainables.data.decode_image, the
 decoder of the training data, so a model sees the same pixels it was tested on.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -24,10 +26,10 @@ from PIL import UnidentifiedImageError
 from trainables.config import image_sizes
 from trainables.data import decode_centre
 
-from .export import (FILES, INPUT_NAME, OUTPUT_NAME, ExportError, first_line, load_raw_pixel_model, read_meta,
-                     resolve_model_dir)
+from .export import (FILES, INPUT_NAME, OUTPUT_NAME, PROGRAMS, ExportError, first_line, load_raw_pixel_model,
+                     read_meta, resolve_model_dir)
 
-RUNTIMES = ("torch", "onnx", "torchscript", "pt2")
+RUNTIMES = ("auto", "pt2", "onnx", "torchscript", "torch")  # tuner/cli.py's --runtime spells them out too
 OUTPUT_FORMATS = ("table", "json", "csv")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -75,6 +77,21 @@ def _decode(path: Path, size: tuple[int, int]) -> np.ndarray | str:
 # ---------------------------------------------------------------------------------------------
 # Runtimes: each a function of a float32 RGB 0-255 batch
 # ---------------------------------------------------------------------------------------------
+
+def choose_runtime(model_dir: Path, meta: dict) -> str:
+    """runtime auto: the export that ships, so predict runs what users deploy. In PROGRAMS order:
+    pt2 (torch's own format, on this torch), onnx (when onnxruntime is installed: an optional
+    extra), torchscript (a folder exported before pt2 was the default); else the weights. Only
+    exports config.json lists: a retrain into the folder rewrites config.json without them, so a
+    stale export of earlier weights is never chosen."""
+    listed = meta.get("exports", {})
+    for name in PROGRAMS:
+        if listed.get(name) == FILES[name] and (model_dir / FILES[name]).is_file():
+            if name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+                continue
+            return name
+    return "torch"
+
 
 def load_runtime(model_dir: Path, runtime: str, device: torch.device) -> Logits:
     if runtime == "torch":
@@ -124,7 +141,7 @@ def _onnx_runtime(path: Path, device: torch.device) -> Logits:
 # ---------------------------------------------------------------------------------------------
 
 def predict(model_dir: str | os.PathLike, paths: Iterable[str | os.PathLike], *, top_k: int = 1,
-            runtime: str = "torch", batch_size: int = 64, device: str | None = None,
+            runtime: str = "auto", batch_size: int = 64, device: str | None = None,
             on_skip: Callable[[Path, str], None] | None = None) -> list[Prediction]:
     """Top-k classes per readable image; unreadable ones go to on_skip(path, why) and are left out."""
     model_dir = resolve_model_dir(model_dir)
@@ -133,7 +150,7 @@ def predict(model_dir: str | os.PathLike, paths: Iterable[str | os.PathLike], *,
     meta = read_meta(model_dir)
     size, classes = image_sizes(meta["config"]), meta["classes"]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    logits = load_runtime(model_dir, runtime, device)
+    logits = load_runtime(model_dir, choose_runtime(model_dir, meta) if runtime == "auto" else runtime, device)
     predictions = []
     for batch_paths, images in _batches(find_images(paths), size, batch_size, on_skip):
         batch = np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2), dtype=np.float32)  # NHWC -> NCHW

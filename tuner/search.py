@@ -24,33 +24,13 @@ from trainables.finetune import PretrainedError, check_model, model_config_of
 from trainables.models import list_models, model_macs
 
 from . import _ray, results
+from .errors import Interrupted, SearchError, SearchFailed, check_writable  # re-exported: their old home
 from .progress import Progress
 from .refit import BEST_DIR, refit_best
 from .report import write_report_safely
 
 # Set by the space's sections or by the search itself, never sampled as a param.
 MANAGED = ("dataset", "data_path", "input_size", "storage_size", "val_fraction", "train_subset", "pretrained", "epochs", "seed")
-
-
-class SearchError(click.ClickException):
-    """A user mistake: one line, exit code 2."""
-
-    exit_code = 2
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))  # one line, whatever the cause's text held
-
-
-class SearchFailed(click.ClickException):
-    """No trial gave a result (every one errored): exit code 1, the tables and report written."""
-
-    exit_code = 1
-
-
-class Interrupted(click.ClickException):
-    """Ctrl-C: the search stopped with its state saved."""
-
-    exit_code = 130  # the shell's code for a SIGINT
 
 
 @dataclass(frozen=True)
@@ -141,21 +121,6 @@ def _fails_alike(base: dict[str, Any], error: Exception) -> bool:
     except (TypeError, ValueError) as own:
         return str(own) == str(error)
     return False
-
-
-def check_writable(path: str | Path, flag: str) -> None:
-    """A folder the command will write: it, or the nearest folder above it that exists, must be a
-    writable folder, so that no finished work is lost for want of somewhere to put it."""
-    path = Path(path).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise SearchError(f"{flag}: {path} is a file; expected a folder to write into")
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    try:  # the real test (permission bits do not tell for root, /proc, read-only mounts): a folder made and removed
-        os.rmdir(tempfile.mkdtemp(prefix=".tune-resnet-write-test-", dir=existing))
-    except OSError as error:
-        raise SearchError(f"{flag}: cannot write to {path} ({existing}: {error.strerror or error}); "
-                          "pass a folder you can write to") from None
-
 
 
 # ---------------------------------------------------------------------------------------------
