@@ -61,7 +61,7 @@ def make_photos(folder: Path, count: int) -> Path:
         return folder
     tasks = []
     for index in range(count):
-        split = "test" if index % 10 == 0 else "train"  # a tenth to test
+        split = "test" if (index // len(CLASSES)) % 10 == 0 else "train"  # a tenth of each class to test
         target = folder / split / CLASSES[index % len(CLASSES)]
         target.mkdir(parents=True, exist_ok=True)
         tasks.append((target / f"{index:06d}.jpg", index))
