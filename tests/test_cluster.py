@@ -451,7 +451,7 @@ def test_search_on_two_nodes_runs_8_trials_at_once_on_half_gpus(local_cluster, i
     assert_only_the_best_keeps_checkpoints(trials, summary, run_dir)
 
     # The data was decoded once, by the driver; no trial rebuilt the cache.
-    caches = list(data_cache.glob("imagefolder-*/data.safetensors"))
+    caches = list(data_cache.glob("imagefolder-*/meta.json"))
     assert len(caches) == 1 and caches[0].stat().st_mtime < min(start for start, _ in intervals)
 
 
@@ -473,5 +473,5 @@ def test_search_with_a_uri_storage_uploads_tables_checkpoints_and_model(local_cl
     best = run_dir / "best"
     metrics = json.loads((best / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and metrics["search_val_acc"] == pytest.approx(summary["best_val_acc"])
-    for name in ("weights.safetensors", "config.json", "labels.txt", "model.ts"):
+    for name in ("weights.safetensors", "config.json", "labels.txt", "model.pt2"):
         assert (best / name).is_file(), name
