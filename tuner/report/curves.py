@@ -1,0 +1,93 @@
+"""The search over time: learning curves of every trial, and the best validation accuracy so far
+against wall-clock time and against the epochs spent."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .run import Run, curve, finite
+from .style import STATUS_STYLE, pyplot
+
+VAL_ACC = "val_acc (fraction of validation images correct)"
+
+
+def plot_learning_curves(run: Run):
+    from matplotlib.lines import Line2D
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    best_id = run.summary.get("best_trial_id")
+    for trial in run.trials:
+        epochs, values = curve(run, trial["trial_id"])
+        if not epochs:
+            continue
+        colour, marker, _ = STATUS_STYLE.get(trial["status"], STATUS_STYLE["errored"])
+        is_best = trial["trial_id"] == best_id
+        ax.plot(epochs, values, color="tab:green" if is_best else colour, lw=2.5 if is_best else 1,
+                alpha=1.0 if is_best else 0.55, zorder=3 if is_best else 2)
+        ax.scatter(epochs[-1:], values[-1:], marker=marker, color=colour, s=55, zorder=4)
+    handles = [Line2D([], [], color=c, marker=m, ls="-", lw=1, label=f"{text} (marker at its last epoch)")
+               for status, (c, m, text) in STATUS_STYLE.items() if any(t["status"] == status for t in run.trials)]
+    handles.append(Line2D([], [], color="tab:green", lw=2.5, label=f"best trial {best_id}"))
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(title=f"Learning curves: validation accuracy per epoch, {len(run.trials)} trials",
+           xlabel="epoch (passes over the training split)", ylabel=VAL_ACC)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _epochs_in_order(run: Run) -> list[dict[str, Any]]:
+    """Every reported epoch of every trial, in the order they ended (Ray's timestamp: whole seconds)."""
+    rows = [r for r in run.history if finite(r.get("val_acc")) and finite(r.get("timestamp"))]
+    return sorted(rows, key=lambda r: (r["timestamp"], r.get("time_total_s") or 0.0))
+
+
+def _running_best(values: list[float]) -> list[float]:
+    best, out = -math.inf, []
+    for value in values:
+        best = max(best, value)
+        out.append(best)
+    return out
+
+
+def plot_best_vs_time(run: Run):
+    rows = _epochs_in_order(run)
+    if not rows:
+        return None
+    plt = pyplot()
+    start = min(r["timestamp"] - (r.get("time_total_s") or 0.0) for r in rows)  # the first trial's start
+    seconds = [r["timestamp"] - start for r in rows]
+    minutes = seconds[-1] > 300
+    x = [s / 60 for s in seconds] if minutes else seconds
+    values = [r["val_acc"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.scatter(x, values, s=12, color="tab:gray", alpha=0.6, label="an epoch of a trial")
+    ax.step(x, _running_best(values), where="post", color="tab:green", lw=2, label="best so far")
+    ax.set(title="Best validation accuracy so far against wall-clock time",
+           xlabel=f"wall-clock time since the search started ({'min' if minutes else 's'})", ylabel=VAL_ACC)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot_best_vs_epochs(run: Run):
+    rows = _epochs_in_order(run)
+    if not rows:
+        return None
+    plt = pyplot()
+    x, values = list(range(1, len(rows) + 1)), [r["val_acc"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.scatter(x, values, s=12, color="tab:gray", alpha=0.6, label="an epoch of a trial")
+    ax.step(x, _running_best(values), where="post", color="tab:green", lw=2, label="best so far")
+    budget = run.summary.get("epochs_without_early_stopping")
+    if budget:
+        ax.axvline(budget, color="tab:red", ls="--", lw=1,
+                   label=f"{budget} epochs: the same trials without early stopping")
+        ax.set_xlim(0, max(budget, len(rows)) * 1.03)
+    ax.set(title=f"Best validation accuracy so far against epochs spent ({len(rows)} in all)",
+           xlabel="epochs spent, all trials together (count)", ylabel=VAL_ACC)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig

@@ -1,0 +1,78 @@
+"""The run folder, read back: the names of what a search and the report leave in it, the Run
+(trials.parquet, history.parquet, summary.json, search.json, best/metrics.json, best/config.json)
+and the few helpers every part of the report reads it with."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import pyarrow.parquet as pq
+
+REPORT_FILE = "report.html"
+REPORT_DIR = "report"          # the PNGs, referenced from report.html as report/<name>.png
+JOURNAL_FILE = "optuna.journal"
+BEST_DIR = "best"
+
+
+class ReportError(click.ClickException):
+    """Not the folder of a finished search: one line, exit code 2."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Run:
+    folder: Path
+    trials: list[dict[str, Any]]      # trials.parquet rows
+    history: list[dict[str, Any]]     # history.parquet rows
+    summary: dict[str, Any]           # summary.json
+    record: dict[str, Any]            # search.json: space, base_config, metric, mode, max_epochs
+    metrics: dict[str, Any] | None    # best/metrics.json of the refit, if there was one
+    meta: dict[str, Any] | None       # best/config.json: classes, config, mean/std
+
+    @property
+    def name(self) -> str:  # the run's name (--name, or the space's): its folder is storage/name
+        return self.folder.resolve().name
+
+    @property
+    def metric(self) -> str:
+        return self.record.get("metric") or self.summary.get("metric", "val_acc")
+
+    @property
+    def mode(self) -> str:
+        return self.record.get("mode") or self.summary.get("mode", "max")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    folder = Path(run_dir)
+    missing = [n for n in ("trials.parquet", "history.parquet", "summary.json", "search.json")
+               if not (folder / n).is_file()]
+    if missing:
+        raise ReportError(f"{folder}: no {', '.join(missing)}; expected the folder of a finished search "
+                          f"(for one still running: tune-resnet status {folder})")
+    best = folder / BEST_DIR
+    return Run(folder, pq.read_table(folder / "trials.parquet").to_pylist(),
+               pq.read_table(folder / "history.parquet").to_pylist(),
+               json.loads((folder / "summary.json").read_text()), json.loads((folder / "search.json").read_text()),
+               _read_json(best / "metrics.json"), _read_json(best / "config.json"))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finite(value: Any) -> bool:
+    """A real number, neither NaN nor infinite (a bool is no number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def curve(run: Run, trial_id: str, column: str = "val_acc") -> tuple[list[int], list[float]]:
+    """(epochs, values) of one trial's column in history.parquet, in epoch order, finite values only."""
+    rows = sorted((r for r in run.history if r["trial_id"] == trial_id and finite(r.get(column))),
+                  key=lambda r: r["training_iteration"])
+    return [r["training_iteration"] for r in rows], [r[column] for r in rows]
