@@ -107,7 +107,7 @@ def main() -> None:
                                         seed=seed, refit=False))
             one[name] = {"epochs_to_target": {f"{t:g}": epochs_to_target(work / f"{name}-{seed}", t)
                                               for t in args.targets}, "run_dir": str(work / f"{name}-{seed}"),
-                         "epochs_spent": summary["epochs_spent"], "best_val_acc": summary["best_val_acc"]}
+                         "epochs_spent": summary.epochs_spent, "best_val_acc": summary.best_val_acc}
             print(f"seed {seed} {name}: {one[name]}", flush=True)
         result["runs"].append(one)
         result["summary"] = summarise(result["runs"], args.targets)

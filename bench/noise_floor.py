@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from trainables.config import TrainConfig, check_config
+from trainables.config import TrainConfig
 from trainables.data import load_data, make_splits
 from trainables.train import Trainer
 
@@ -84,7 +84,7 @@ def given_config(text: str, base: dict, index: int) -> dict:
     parsed as YAML scalars, checked by TrainConfig; it has no search value and no rank."""
     try:
         params = {key.strip(): yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in text.split(","))}
-        check_config(TrainConfig.from_dict({**base, **params}))
+        TrainConfig.from_dict({**base, **params})  # validated when built
     except (ValueError, TypeError) as error:
         raise ValueError(f"--config {text!r}: expected KEY=VALUE,... of a training config: {error}") from error
     return {"run": "--config", "trial": f"config{index}", "base": base, "params": params,

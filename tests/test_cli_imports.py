@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +45,47 @@ def test_the_error_classes_stay_where_they_were():  # moved to tuner.errors, re-
 def test_the_translator_names_classes_that_exist():
     import importlib
 
-    from tuner.errors import USER_ERRORS
+    from tuner.errors import LOWER_USER_ERRORS
 
-    for module, name in USER_ERRORS:
+    for module, name in LOWER_USER_ERRORS:
         assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)
+
+
+def test_only_the_cli_knows_click():
+    """Core modules raise the project's own errors; tuner/cli.py alone turns them into click's."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    knowing = []
+    for path in sorted([*root.glob("tuner/**/*.py"), *root.glob("trainables/*.py"), *root.glob("search_spaces/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split(".")[0] == "click" for name in names):
+                knowing.append(str(path.relative_to(root)))
+    assert knowing == ["tuner/cli.py"]
+
+
+def test_a_bug_in_our_code_is_a_traceback_not_a_one_line_error(tmp_path, monkeypatch):
+    """A TypeError or KeyError raised by the project's own code is not a user's mistake: it is
+    not dressed up as 'the file may be cut off', it propagates whole."""
+    from click.testing import CliRunner
+
+    from tuner import cli, status
+
+    def buggy(run_dir):
+        return {}["no such key"]
+
+    monkeypatch.setattr(status, "read_status", buggy)
+    result = CliRunner().invoke(cli.main, ["status", str(tmp_path)])
+    assert isinstance(result.exception, KeyError) and result.exit_code == 1
+
+
+def test_a_user_error_raised_in_a_core_module_is_one_line_and_its_exit_code(tmp_path):
+    from click.testing import CliRunner
+
+    from tuner import cli
+
+    result = CliRunner().invoke(cli.main, ["status", str(tmp_path)])  # an empty folder: StatusError
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("Error: ") and "expected the run folder of a search" in result.output

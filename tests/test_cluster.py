@@ -24,13 +24,16 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from test_search import run_tables, search, write_space
+from trainables.config import TrainConfig
 from tuner import _ray
-from tuner.search import SearchError, SearchOptions, load_spec, plan_resources
+from tuner.errors import SearchError
+from tuner.plan import Cluster, SearchOptions, load_spec, plan_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -127,9 +130,9 @@ def test_cluster_yaml_mounts_the_project_and_holds_no_credentials():
 # Planning resources over several nodes (no Ray: the cluster is described)
 # ---------------------------------------------------------------------------------------------
 
-def cluster_of(*nodes: tuple[float, float]) -> _ray.Cluster:
+def cluster_of(*nodes: tuple[float, float]) -> Cluster:
     """nodes: (CPUs, GPUs) of each node."""
-    return _ray.Cluster(cpus=sum(c for c, _ in nodes), gpus=sum(g for _, g in nodes), nodes=len(nodes),
+    return Cluster(cpus=sum(c for c, _ in nodes), gpus=sum(g for _, g in nodes), nodes=len(nodes),
                         max_gpus_per_node=max(g for _, g in nodes), embedded=False, node_resources=nodes)
 
 
@@ -226,7 +229,7 @@ def test_uri_storage_is_not_probed_on_nodes(two_nodes_one_blind, image_folder, t
     from tuner.search import check_cluster_paths
 
     asked, hidden = two_nodes_one_blind
-    base = {"data_path": None, "pretrained": "torchvision"}
+    base = TrainConfig(data_path=None, pretrained="torchvision")
     check_cluster_paths("s3://bucket/runs", base, cluster_of((4, 1), (4, 1)))
     assert asked == []
 
@@ -241,21 +244,21 @@ def test_remote_paths_from_ray_get_their_scheme_back():
 
 
 def test_best_folder_goes_up_to_a_uri_and_a_warm_start_checkpoint_comes_down(tmp_path):
-    from tuner import results
+    from tuner import results, storage
     from tuner.search import _with_local_checkpoint
 
     best = tmp_path / "local" / "best"
     (best / "exports").mkdir(parents=True)
     (best / "config.json").write_text("{}")
     (best / "exports" / "model.ts").write_bytes(b"ts")
-    results.upload(str(best), f"file://{tmp_path}/store/run/best")
+    storage.upload(str(best), f"file://{tmp_path}/store/run/best")
     uploaded = sorted(str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*") if p.is_file())
     assert uploaded == ["run/best/config.json", "run/best/exports/model.ts"]
 
     found = results.SearchResults(
         trials=[{"trial_id": "a", "checkpoint": f"file://{tmp_path}/store/run/best"},
                 {"trial_id": "b", "checkpoint": "s3://not/touched"}],
-        history=[], summary={"best_trial_id": "a"})
+        history=[], summary=SimpleNamespace(best_trial_id="a"))
     local = _with_local_checkpoint(found, str(tmp_path / "warm"))
     assert local.trials[0]["checkpoint"] == str(tmp_path / "warm") and (tmp_path / "warm" / "config.json").is_file()
     assert local.trials[1] == found.trials[1] and found.trials[0]["checkpoint"].startswith("file://")

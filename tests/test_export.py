@@ -34,7 +34,7 @@ from tuner.cli import main
 from search_spaces._spec import ExportSpec
 from tuner.export import DEFAULT_FORMATS, FORMATS, export_model, load_raw_pixel_model
 from tuner.predict import RUNTIMES
-from tuner.refit import refit
+from tuner.refit import refit, refit_config
 
 ATOL = 1e-4  # logits; the exports run the same float32 operations, in another order at most
 
@@ -449,7 +449,7 @@ def test_refit_evaluates_the_test_split_exactly_once(image_data: ImageData, tiny
 
 def test_refit_exports_and_keeps_the_search_figures(image_folder: Path, tiny_config: TrainConfig,
                                                     tmp_path: Path) -> None:
-    metrics = refit(str(tmp_path), base=tiny_config.to_dict(), best_config={"lr": 0.05}, epochs=1,
+    metrics = refit(str(tmp_path), config=refit_config(tiny_config, {"lr": 0.05}, epochs=1),
                     val_acc=0.75, formats=("safetensors",))
     best = tmp_path / "best"
     saved = json.loads((best / "metrics.json").read_text())

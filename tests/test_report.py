@@ -91,7 +91,7 @@ def generated_run(tmp_path_factory, image_folder, image_data, tiny_config) -> Pa
     results.write(found, str(folder))
     write_search_json(folder, image_folder)
     metrics = run_training(tiny_config, out_dir=folder / "best", data=image_data, refit=True)
-    metrics["search_val_acc"] = found.summary["best_val_acc"]
+    metrics["search_val_acc"] = found.summary.best_val_acc
     (folder / "best" / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return folder
 

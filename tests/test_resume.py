@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_search import run_tables, search, write_space
-from tuner._ray import STATE_BACKUP, CheckpointPacer, back_up_state, repair_state
+from tuner._ray import CheckpointPacer
+from tuner.ray_state import STATE_BACKUP, back_up_state, repair_state
 
 
 def reported_trials(experiment: Path) -> int:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from trainables.models import count_macs, create_model
 from tuner.cli import main
-from tuner.search import (SearchOptions, auto_gpus, base_config, largest_batch_size, largest_model_macs, load_spec,
+from tuner.plan import (SearchOptions, auto_gpus, base_config, largest_batch_size, largest_model_macs, load_spec,
                           trials_per_gpu)
 
 from conftest import DECLARED_GPUS
@@ -277,7 +277,7 @@ def test_dry_run_prints_the_space_and_starts_nothing(image_folder, tmp_path):
 def test_dry_run_rungs_are_ray_tunes(max_t, grace, factor):
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from tuner.search import asha_rungs
+    from tuner.plan import asha_rungs
 
     bracket = _Bracket(min_t=grace, max_t=max_t, reduction_factor=factor, s=0)
     theirs = sorted(math.ceil(m) for m, _ in bracket._rungs if m < max_t)
@@ -504,8 +504,6 @@ def test_shipped_space_samples_configs_a_trial_accepts(path):
     is a training config the trainable accepts and (from scratch) a model that builds."""
     import optuna
 
-    from trainables.config import TrainConfig, check_config
-
     spec = load_spec(SearchOptions(space=str(path)))
     base = base_config(spec)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
@@ -513,8 +511,7 @@ def test_shipped_space_samples_configs_a_trial_accepts(path):
     for _ in range(12):
         trial = study.ask()
         params = spec.sample(trial)
-        config = TrainConfig.from_dict({**base, **params})
-        check_config(config)
+        config = base.replace(**params)  # a TrainConfig is validated as it is built
         if config.pretrained is None:
             model = create_model(config.arch, num_classes=10, depth=config.depth, width=config.width,
                                  stem=config.stem, input_size=config.input_size)

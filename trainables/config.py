@@ -11,16 +11,22 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+DATASETS = ("cifar10", "cifar100", "imagefolder")
 FREEZE_STRATEGIES = ("none", "linear", "stages", "bn")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
 AUGMENTS = ("none", "flip", "crop_flip", "resized_crop")
 STEMS = ("auto", "cifar", "small", "imagenet")
 IMAGENET_ARCHS = ("resnet18", "resnet34", "resnet50")  # torchvision has ImageNet weights for these
+CIFAR_DEPTHS = (20, 32, 44, 56, 110)                    # He et al. 2016's CIFAR ResNets, by name
+ARCHS = ("cifar_resnet", *(f"resnet{d}" for d in CIFAR_DEPTHS), *IMAGENET_ARCHS)  # trainables.models builds each
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Validated when built (check_config): a TrainConfig that exists is one the trainer accepts,
+    so no caller checks it again. Dicts exist only at the disk edge (from_dict, to_dict)."""
+
     # --- data -------------------------------------------------------------------------------
     dataset: str = "cifar10"        # cifar10 | cifar100 | imagefolder
     data_path: str | None = None    # folder or archive; None = the dataset's cache/download dir
@@ -66,6 +72,9 @@ class TrainConfig:
     device_data_share: float = 0.25  # largest share of GPU memory the uint8 training data may take
     #                                  on the GPU; more data streams in batches from host memory
 
+    def __post_init__(self) -> None:
+        check_config(self)
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -109,12 +118,11 @@ def field_names() -> tuple[str, ...]:
 
 
 def check_config(config: TrainConfig) -> None:
-    """Validate values that types alone do not catch; raise ValueError naming the key."""
-    from .models import list_models  # torch: imported only when a config is checked
-
+    """Validate values that types alone do not catch; raise ValueError naming the key. Every
+    TrainConfig runs it when built."""
     _check_types(config)
-    if config.arch not in list_models():
-        raise ValueError(f"arch: unknown model {config.arch!r}; expected one of {', '.join(list_models())}")
+    if config.arch not in ARCHS:
+        raise ValueError(f"arch: unknown model {config.arch!r}; expected one of {', '.join(sorted(ARCHS))}")
     choices = {"freeze": FREEZE_STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                "augment": AUGMENTS, "stem": STEMS}
     for key, allowed in choices.items():

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
-from .config import IMAGENET_ARCHS  # noqa: F401  (re-exported: the torch-free list lives with the config)
+from .config import ARCHS, CIFAR_DEPTHS, IMAGENET_ARCHS  # noqa: F401  (IMAGENET_ARCHS re-exported: the torch-free lists live with the config)
 
 Block = type[BasicBlock] | type[Bottleneck]
 
@@ -108,11 +108,14 @@ def _imagenet_resnet(*, block: Block, layers: list[int], width: int | None = Non
 
 MODELS: dict[str, Callable[..., ResNet]] = {
     "cifar_resnet": _cifar_resnet,
-    **{f"resnet{d}": partial(_cifar_resnet, depth=d) for d in (20, 32, 44, 56, 110)},
+    **{f"resnet{d}": partial(_cifar_resnet, depth=d) for d in CIFAR_DEPTHS},
     "resnet18": partial(_imagenet_resnet, block=BasicBlock, layers=[2, 2, 2, 2]),
     "resnet34": partial(_imagenet_resnet, block=BasicBlock, layers=[3, 4, 6, 3]),
     "resnet50": partial(_imagenet_resnet, block=Bottleneck, layers=[3, 4, 6, 3]),
 }
+
+
+assert set(MODELS) == set(ARCHS), "trainables.config.ARCHS names the models built here"
 
 
 def list_models() -> list[str]:

@@ -5,6 +5,7 @@ A refit trains on train + validation and then, and only then, evaluates the test
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -16,7 +17,7 @@ import torch
 from .checkpoint import save_checkpoint, save_weights
 from .config import TrainConfig
 from .data import ImageData, load_data, make_splits
-from .models import count_parameters
+from .models import count_macs, count_parameters
 from .train import EpochMetrics, Trainer
 
 METRICS_FILE = "metrics.json"
@@ -25,11 +26,14 @@ METRICS_FILE = "metrics.json"
 def run_training(config: TrainConfig, *, out_dir: str | Path, data: ImageData | None = None,
                  refit: bool = False, device: str | None = None,
                  on_epoch: Callable[[EpochMetrics], None] | None = None,
-                 initial_state: dict[str, Any] | None = None) -> dict[str, Any]:
+                 initial_state: dict[str, Any] | None = None,
+                 extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train config to the end, save checkpoint + weights + metrics.json in out_dir, return metrics.
 
     refit=True: train on train + validation, then evaluate the test split once.
     initial_state: model weights to start from (a refit warm-started from the best trial).
+    extra_metrics: written into metrics.json with the rest (the refit's search val_acc): the file
+    is written here, once.
     """
     start = time.perf_counter()
     data = data or load_data(config.dataset, config.data_path, input_size=config.input_size,
@@ -53,6 +57,7 @@ def run_training(config: TrainConfig, *, out_dir: str | Path, data: ImageData | 
         summary["test_acc"] = summary["test"]["accuracy"]
     # from the call to the test accuracy: data (cache), model build, training, checkpoint, test
     summary["wall_time_s"] = time.perf_counter() - start
+    summary.update(extra_metrics or {})
     (out_dir / METRICS_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -70,9 +75,15 @@ def _summary(trainer: Trainer, refit: bool) -> dict[str, Any]:
         "train_images_per_sec": statistics.median(speeds) if speeds else None,
         "train_time_s": sum(h["epoch_time_s"] for h in trainer.history),  # epochs, validation included
         "parameters": count_parameters(trainer.model),
+        "macs_per_image": _macs(trainer),
         "device": str(trainer.device),
         "history": trainer.history,
     }
+
+
+def _macs(trainer: Trainer) -> int:
+    """Of one image, on a CPU copy in eval mode: a forward in train mode would move BatchNorm's statistics."""
+    return count_macs(copy.deepcopy(trainer.final_model).cpu().eval(), trainer.config.input_size)
 
 
 def evaluate_test(trainer: Trainer, data: ImageData) -> dict[str, Any]:

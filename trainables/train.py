@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig, check_config
+from .config import TrainConfig
 from .data import Splits, augment, center_crop, normalize
 from .finetune import apply_freeze, build_model, keep_frozen_statistics, model_config_of, param_groups
 
@@ -186,7 +186,6 @@ def fits_on_device(images: torch.Tensor, index: torch.Tensor | None, device: tor
 
 class Trainer:
     def __init__(self, config: TrainConfig, splits: Splits, *, device: torch.device | str | None = None):
-        check_config(config)
         self.config = model_config_of(config).replace(storage_size=config.image_storage_size)
         self.splits = splits
         self.device = torch.device(device) if device is not None else default_device()

@@ -1,19 +1,18 @@
-"""Every Ray call of the project lives here: start/join Ray, the trial function, the Tuner.
+"""Every Ray call of the project lives here: start/join Ray, the trial function, the Tuner, its
+callbacks, and reading the trials back as TrialRecords.
 
-Ray's API moves between releases; keeping it in one module keeps the churn in one place.
+Ray's API moves between releases; keeping it in one module keeps the churn in one place. What to
+run comes in as a tuner.plan.SearchPlan; the saved state's backup is tuner/ray_state.py.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import logging
 import math
 import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,27 +28,19 @@ from trainables.config import TrainConfig
 from trainables.data import Splits, load_data, make_splits
 from trainables.train import NonFiniteLossError, Trainer, flush_denormals
 
+from . import storage
+from .errors import ClusterError
+from .plan import Cluster, SearchPlan
+from .ray_state import back_up_state
+from .results import TrialRecord
+
 METRIC_DIVERGED = "diverged"
 KEEP_CHECKPOINTS = 2  # per trial: the latest (to resume) and one before it
-
-
-class ClusterError(RuntimeError):
-    """Ray could not be started or joined, or cannot give what was asked."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Ray itself
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Cluster:
-    cpus: float
-    gpus: float
-    nodes: int
-    max_gpus_per_node: float
-    embedded: bool
-    node_resources: tuple[tuple[float, float], ...] = ()  # (CPUs, GPUs) of each alive node
-
 
 def start(*, address: str | None, num_cpus: int | None, verbose: bool) -> Cluster:
     """Start Ray embedded (default) or join a running cluster (address, e.g. 'auto')."""
@@ -160,7 +151,7 @@ def _splits_for(config: TrainConfig, cache_dir: str | None) -> Splits:
     return _SPLITS[key]
 
 
-def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None, threads: int) -> None:
+def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, threads: int) -> None:
     """Train one sampled configuration, reporting once per epoch and checkpointing as often as
     CheckpointPacer allows (every epoch unless saving is slow next to the epochs; the last always).
 
@@ -172,7 +163,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None
 
     flush_denormals()  # before the first parallel op starts the thread pool
     torch.set_num_threads(threads)
-    config = TrainConfig.from_dict({**base, **params})
+    config = base.replace(**params)  # validated as it is built
     trainer = Trainer(config, _splits_for(config, cache_dir))
     checkpoint = tune.get_checkpoint()
     if checkpoint:  # a retried or resumed trial continues from its last epoch
@@ -251,36 +242,17 @@ def _fault_hook(epoch: int) -> None:
 # The search
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class SearchPlan:
-    name: str
-    storage: str                    # absolute folder or URI; the run lands in storage/name
-    define_by_run: Callable          # optuna define-by-run space
-    sampler: optuna.samplers.BaseSampler
-    metric: str
-    mode: str
-    num_samples: int
-    max_epochs: int
-    grace_period: int
-    reduction_factor: float
-    time_limit_s: float | None
-    max_concurrent: int
-    cpus_per_trial: float
-    gpus_per_trial: float
-    base_config: dict[str, Any]
-    cache_dir: str | None
-    verbose: bool
-    max_failures: int = 2
-
-
 def _trainable(plan: SearchPlan):
     threads = max(1, int(plan.cpus_per_trial))
     fn = tune.with_parameters(trial, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads)
     return tune.with_resources(fn, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 
-def run_search(plan: SearchPlan, *, callbacks: list[tune.Callback], resume: bool) -> tune.ResultGrid:
-    path = experiment_path(plan)
+def run_search(plan: SearchPlan, *, listener: Any, resume: bool) -> tune.ResultGrid:
+    """Run (or resume) the search; `listener` hears of trials starting, reporting and ending
+    (tuner.progress.Progress)."""
+    path = plan.run_dir
+    callbacks = [ProgressCallback(listener), PruneCheckpoints(plan.metric, plan.mode), BackUpState(path)]
     if not plan.verbose:  # the legacy reporter at verbose=0 prints nothing; ours prints progress
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -301,11 +273,7 @@ def interrupted(grid: tune.ResultGrid, plan: SearchPlan) -> bool:
 
 
 def can_resume(plan: SearchPlan) -> bool:
-    return tune.Tuner.can_restore(experiment_path(plan))
-
-
-def experiment_path(plan: SearchPlan) -> str:
-    return f"{plan.storage.rstrip('/')}/{plan.name}"
+    return tune.Tuner.can_restore(plan.run_dir)
 
 
 def _tune_config(plan: SearchPlan) -> tune.TuneConfig:
@@ -347,6 +315,21 @@ class ProgressCallback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.listener.tick()
+
+
+class BackUpState(tune.Callback):
+    """Ray copies its experiment state into the run folder in place, not by rename: a driver
+    killed during the copy leaves the files empty, and `--resume` would restore nothing. Each time
+    a trial ends, the state files as they are, when whole, are copied to RUN_DIR/.state-backup/."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        back_up_state(self.run_dir)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        back_up_state(self.run_dir)
 
 
 class PruneCheckpoints(tune.Callback):
@@ -395,106 +378,8 @@ def _delete_checkpoints(trial) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ray's saved state, kept whole for --resume
-# ---------------------------------------------------------------------------------------------
-
-STATE_FILES = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
-STATE_BACKUP = ".state-backup"
-
-
-def _filesystem(run_dir: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pafs.LocalFileSystem(), run_dir)
-
-
-def _state_files(fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
-    infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    return [i for i in infos if i.type == pafs.FileType.File
-            and any(fnmatch.fnmatch(i.base_name, pattern) for pattern in STATE_FILES)]
-
-
-def _whole(fs: pafs.FileSystem, info: pafs.FileInfo) -> bool:
-    """Not empty, and the experiment state parses as JSON (search_gen_state-*.json is a pickle
-    despite its name): what a copy cut off half-way is not."""
-    if not info.size:
-        return False
-    if info.base_name.startswith("experiment_state-"):
-        with fs.open_input_stream(info.path) as stream:
-            try:
-                json.loads(stream.read())
-            except ValueError:
-                return False
-    return True
-
-
-class BackUpState(tune.Callback):
-    """Ray copies its experiment state into the run folder in place, not by rename: a driver
-    killed during the copy leaves the files empty, and `--resume` would restore nothing. Each time
-    a trial ends, the state files as they are, when whole, are copied to RUN_DIR/.state-backup/."""
-
-    def __init__(self, run_dir: str) -> None:
-        self.run_dir = run_dir
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        back_up_state(self.run_dir)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        back_up_state(self.run_dir)
-
-
-def back_up_state(run_dir: str) -> bool:
-    fs, folder = _filesystem(run_dir)
-    backup = f"{folder}/{STATE_BACKUP}"
-    try:
-        files = _state_files(fs, folder)
-        if not files or not all(_whole(fs, f) for f in files):
-            return False  # keep the last whole copy
-        fs.create_dir(backup)
-        for info in files:  # copy, then rename: a backup is never half-written either
-            fs.copy_file(info.path, f"{backup}/.{info.base_name}.tmp")
-            fs.move(f"{backup}/.{info.base_name}.tmp", f"{backup}/{info.base_name}")
-        names = {info.base_name for info in files}
-        for stale in _state_files(fs, backup):
-            if stale.base_name not in names:
-                fs.delete_file(stale.path)
-        return True
-    except OSError:  # a backup must never stop a search
-        return False
-
-
-def repair_state(run_dir: str) -> str | None:
-    """Before --resume: if Ray's state files in the run folder are damaged, put back the copy
-    taken when a trial last ended. Returns what was done, or None when nothing was damaged;
-    raises ClusterError when they are damaged and there is no whole copy."""
-    fs, folder = _filesystem(run_dir)
-    damaged = [info for info in _state_files(fs, folder) if not _whole(fs, info)]
-    if not damaged:
-        return None
-    copies = _state_files(fs, f"{folder}/{STATE_BACKUP}")
-    if not copies or not all(_whole(fs, c) for c in copies):
-        raise ClusterError(f"--resume: Ray's saved state in {run_dir} is damaged ({damaged[0].base_name} is cut off: "
-                           "the search was stopped while saving it) and there is no whole copy; run the search "
-                           "again without --resume, under a new --name to keep these trials' folders")
-    for info in damaged:
-        fs.delete_file(info.path)
-    for copy in copies:
-        fs.copy_file(copy.path, f"{folder}/{copy.base_name}")
-    return (f"--resume: Ray's saved state was cut off ({len(damaged)} files); restored the copy taken when a "
-            "trial last ended (the trials that ended after it are drawn and run again)")
-
-
-# ---------------------------------------------------------------------------------------------
 # Reading results back
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TrialRecord:
-    trial_id: str
-    params: dict[str, Any]
-    history: list[dict[str, Any]]   # one dict per reported epoch
-    error: str | None
-    path: str
-    checkpoint_path: str | None     # the latest kept checkpoint
-
 
 def records(grid: tune.ResultGrid) -> list[TrialRecord]:
     out = []
@@ -528,15 +413,4 @@ def _as_uri(filesystem: Any, path: str) -> str:
 
 
 def _read_history(result: tune.Result) -> list[dict[str, Any]]:
-    path = f"{result.path}/result.json"
-    try:
-        with result.filesystem.open_input_stream(path) as stream:
-            lines = stream.read().decode().splitlines()
-    except (FileNotFoundError, OSError):
-        return []
-    by_epoch = {}  # a retried trial may report an epoch twice: the later report wins
-    for line in filter(str.strip, lines):
-        row = json.loads(line)
-        by_epoch[row.get("training_iteration", 0)] = row
-    return [by_epoch[k] for k in sorted(by_epoch)]
-
+    return storage.read_result_rows(result.path, result.filesystem)

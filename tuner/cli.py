@@ -16,31 +16,9 @@ from pathlib import Path
 import click
 import yaml
 
-from trainables.config import IMAGENET_ARCHS, SCHEDULES, TrainConfig, check_config
+from trainables.config import DATASETS, FREEZE_STRATEGIES, IMAGENET_ARCHS, OPTIMIZERS, SCHEDULES, TrainConfig
 
-from .errors import SearchError, check_writable, is_user_error
-
-
-def user_errors(command):
-    """Our users' mistakes end in one line and exit code 2, never a traceback."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise SearchError(f"disk full writing {error.filename or 'results'}: free space, or point --storage "
-                                  "(and TUNE_RESNET_CACHE) at a larger disk, then run again with --resume") from None
-            if error.filename is None:  # not about a path the user gave: a fault, shown whole
-                raise
-            what = error.strerror or str(error).splitlines()[0]
-            raise SearchError(f"{error.filename}: {what}; check the path and its permissions (--data, --storage, "
-                              "--out, TUNE_RESNET_CACHE)") from None
-        except Exception as error:
-            if is_user_error(error):  # SpaceError, DataError, PretrainedError, ClusterError
-                raise SearchError(str(error)) from None
-            raise
-    return wrapper
+from .errors import SearchError, check_writable, user_error
 
 
 def torch_command(command):
@@ -57,8 +35,9 @@ def torch_command(command):
 
 
 class OneLineErrors(click.Group):
-    """Click's own mistakes in flags (an unknown option, a value out of range) in one line too,
-    with where to look, instead of a usage block: exit code 2 as click gives them."""
+    """Where the project's errors become what a user sees: a user's mistake (tuner.errors.UserError,
+    the lower packages' own, click's usage errors, a path that cannot be read or written, a full
+    disk) is one line and its exit code, never a traceback; anything else is a bug and shows whole."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         with _one_line(ctx):
@@ -69,16 +48,12 @@ class OneLineErrors(click.Group):
             return super().invoke(ctx)
 
 
-@contextlib.contextmanager
-def run_files(folder: str):
-    """Reading a run's own files (search.json, summary.json, the parquet tables, config.json): one
-    cut off or edited by hand is a one-line error naming the folder, not a traceback."""
-    try:
-        yield
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise SearchError(f"{folder}: a file of the run cannot be read ({type(error).__name__}: {detail}); it may be "
-                          "cut off or edited: restore it from a copy, or run the search again") from None
+class _Exit(click.ClickException):
+    """A UserError as click shows it: 'Error: <one line>', then its exit code."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(" ".join(message.split()))
+        self.exit_code = exit_code
 
 
 @contextlib.contextmanager
@@ -89,7 +64,25 @@ def _one_line(ctx: click.Context):
         if isinstance(error, getattr(click.exceptions, "NoArgsIsHelpError", ())):  # a bare group: its help
             raise
         where = error.ctx.command_path if error.ctx else ctx.command_path
-        raise SearchError(f"{error.format_message()} (see {where} -h)") from None
+        raise _Exit(f"{error.format_message()} (see {where} -h)") from None
+    except OSError as error:
+        raise _os_error(error) from None
+    except Exception as error:
+        mistake = user_error(error)  # ours, or SpaceError, DataError, PretrainedError from below
+        if mistake is None:
+            raise
+        raise _Exit(str(mistake), mistake.exit_code) from None
+
+
+def _os_error(error: OSError) -> Exception:
+    if error.errno == errno.ENOSPC:
+        return _Exit(f"disk full writing {error.filename or 'results'}: free space, or point --storage (and "
+                     "TUNE_RESNET_CACHE) at a larger disk, then run again with --resume")
+    if error.filename is None:  # not about a path the user gave: a fault, shown whole
+        return error
+    what = error.strerror or str(error).splitlines()[0]
+    return _Exit(f"{error.filename}: {what}; check the path and its permissions (--data, --storage, --out, "
+                 "TUNE_RESNET_CACHE)")
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -120,45 +113,37 @@ def main() -> None:
 @click.option("--dry-run", is_flag=True, help="Print the resolved space, trials and resources, then exit.")
 @click.option("--refit/--no-refit", default=True, help="Refit the best configuration on train+val and test it.")
 @click.option("-v", "--verbose", is_flag=True, help="Ray's full output.")
-@user_errors
 @torch_command
 def search(**kwargs) -> None:
     """Search hyperparameters over a YAML space; refit and test the best configuration."""
     from .search import SearchOptions, run
 
     start = time.monotonic()
-    run(SearchOptions(**kwargs))
+    run(SearchOptions(**kwargs), say=click.echo, warn=functools.partial(click.echo, err=True))
     click.echo(f"done in {time.monotonic() - start:.0f} s")
 
 
 @main.command("refit")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--epochs", type=click.IntRange(min=1), help="Refit epochs [default: the space's].")
-@user_errors
 @torch_command
 def refit_command(run_dir: str, epochs: int | None) -> None:
     """Refit the best configuration of a finished search on train+val; test it once."""
     from trainables.finetune import check_model
 
+    from . import results
     from .refit import refit, refit_config
 
-    record_path, summary_path = Path(run_dir, "search.json"), Path(run_dir, "summary.json")
-    if not record_path.exists() or not summary_path.exists():
-        raise SearchError(f"{run_dir}: no search.json/summary.json; expected the folder of a finished search")
-    with run_files(run_dir):
-        record, summary = json.loads(record_path.read_text()), json.loads(summary_path.read_text())
-        space, base, best = record["space"], record["base_config"], summary["best_config"]
-        epochs = epochs or space["refit"]["epochs"] or space["budget"]["max_epochs"]
-        val_acc, formats = summary["best_val_acc"], space["export"]["formats"]
-    if best is None:
+    record, summary = results.read_record(run_dir), results.read_summary(run_dir)
+    if not summary.found:
         raise SearchError(f"{run_dir}: no trial of this search gave a result, so there is nothing to refit")
     try:  # the config the refit would train, checked before it starts
-        config = refit_config(base, best, epochs)
-        check_config(config)
+        config = refit_config(record.base_config, summary.best_config, epochs or record.refit_epochs)
         check_model(config)
     except (TypeError, ValueError) as error:
         raise SearchError(f"{run_dir}: the best configuration cannot be trained: {error}") from None
-    refit(run_dir, base=base, best_config=best, epochs=epochs, val_acc=val_acc, formats=formats)
+    refit(run_dir, config=config, val_acc=summary.best_val_acc, formats=record.export_formats, say=click.echo,
+          warn=functools.partial(click.echo, err=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +157,7 @@ TRAIN_FLAGS = ("dataset", "data_path", "arch", "depth", "width", "epochs", "batc
 
 @main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML of training-config values.")
-@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "imagefolder"]))
+@click.option("--dataset", type=click.Choice(DATASETS))
 @click.option("--data", "data_path", type=click.Path(), help="Image folder, archive or CIFAR batches folder.")
 @click.option("--arch", help="Model name (resnet20, cifar_resnet, resnet18, ...).")
 @click.option("--depth", type=int, help="cifar_resnet depth, 6n+2.")
@@ -180,14 +165,14 @@ TRAIN_FLAGS = ("dataset", "data_path", "arch", "depth", "width", "epochs", "batc
 @click.option("--epochs", type=click.IntRange(min=1))
 @click.option("--batch-size", type=click.IntRange(min=1))
 @click.option("--lr", type=float, help="Peak learning rate.")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]))
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS))
 @click.option("--schedule", type=click.Choice(SCHEDULES))
 @click.option("--weight-decay", type=float)
 @click.option("--label-smoothing", type=float)
 @click.option("--train-subset", type=click.IntRange(min=1))
 @click.option("--input-size", type=click.IntRange(min=8))
 @click.option("--pretrained", help="'torchvision' or a run folder of this project.")
-@click.option("--freeze", type=click.Choice(["none", "linear", "stages", "bn"]))
+@click.option("--freeze", type=click.Choice(FREEZE_STRATEGIES))
 @click.option("--frozen-stages", type=click.IntRange(min=0))
 @click.option("--ema", type=click.FloatRange(min=0.0),
               help="Half-life in epochs of a moving average of the weights, which is evaluated and saved (0 = off).")
@@ -195,7 +180,6 @@ TRAIN_FLAGS = ("dataset", "data_path", "arch", "depth", "width", "epochs", "batc
 @click.option("--compile/--no-compile", default=None, help="torch.compile the model.")
 @click.option("--refit", is_flag=True, help="Train on train+val and evaluate the test split once.")
 @click.option("--out", "out_dir", default="runs/train", type=click.Path(file_okay=False), help="Output folder.")
-@user_errors
 @torch_command
 def train(config_file: str | None, refit: bool, out_dir: str, **flags) -> None:
     """Train one configuration; write checkpoint, weights and metrics.json to --out."""
@@ -235,8 +219,7 @@ def _train_config(config_file: str | None, flags: dict) -> TrainConfig:
     if values.get("data_path"):
         values["data_path"] = str(Path(values["data_path"]).expanduser().resolve())
     try:
-        config = TrainConfig.from_dict(values)
-        check_config(config)
+        config = TrainConfig.from_dict(values)  # validated as it is built
         check_model(config)  # the pretrained start is there, the freeze fits the model
     except (TypeError, ValueError) as error:
         raise SearchError(f"{config_file or 'train'}: {error}") from None
@@ -253,7 +236,7 @@ def data() -> None:
 
 
 @data.command("prepare")
-@click.option("--dataset", type=click.Choice(["cifar10", "cifar100", "imagefolder"]), default="cifar10")
+@click.option("--dataset", type=click.Choice(DATASETS), default="cifar10")
 @click.option("--data", "data_path", type=click.Path(), help="Image folder, archive or CIFAR batches folder.")
 @click.option("--input-size", type=click.IntRange(min=8), default=32)
 @click.option("--storage-size", type=click.IntRange(min=8), help="Cached side [default: input size up to 64 px, else 8/7 of it].")
@@ -263,7 +246,6 @@ def data() -> None:
               help="Download torchvision's ImageNet weights for this arch into torch's hub cache "
                    "(repeatable); given without --dataset/--data, only the weights are fetched.")
 @click.pass_context
-@user_errors
 def prepare(ctx: click.Context, dataset: str, data_path: str | None, input_size: int, storage_size: int | None,
             val_fraction: float, seed: int, weights_archs: tuple[str, ...]) -> None:
     """Decode the images once into the tensor cache and fetch pretrained weights (run it on every
@@ -305,17 +287,12 @@ def _prepare_data(dataset: str, data_path: str | None, *, input_size: int, stora
 @click.argument("run_dir", type=click.Path())
 @click.option("--formats", default="pt2,onnx,safetensors",
               help="Comma-separated: pt2 (torch.export), onnx, safetensors, torchscript (deprecated by torch).")
-@user_errors
 @torch_command
 def export_command(run_dir: str, formats: str) -> None:
     """Export a model folder (or RUN_DIR/best) for use without tune-resnet; write a model card."""
-    from .export import ExportError, export_model
+    from .export import export_model
 
-    with run_files(run_dir):
-        try:
-            written = export_model(run_dir, formats=formats)
-        except ExportError as error:  # (a ValueError: its own message, not run_files' one)
-            raise SearchError(str(error)) from None
+    written = export_model(run_dir, formats=formats)
     folder = next(iter(written.values())).parent
     click.echo(f"exported {', '.join(f'{name} ({path.name})' for name, path in written.items())} "
                f"+ labels.txt, README.md to {folder}")
@@ -334,12 +311,10 @@ SKIPS_SHOWN = 10
               help="auto: the first export config.json lists of pt2, onnx, torchscript, else the weights; "
                    "torch: weights.safetensors; the others: the export of that name.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
-@user_errors
 @torch_command
 def predict(model_dir: str, images: tuple[str, ...], top_k: int, output_format: str, runtime: str,
             batch_size: int) -> None:
     """Classify image files and folders (walked recursively), preprocessed as in training."""
-    from .export import ExportError
     from .predict import format_predictions, predict as predict_images
 
     skips = []
@@ -349,11 +324,7 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, output_format: 
         if len(skips) <= SKIPS_SHOWN:
             click.echo(f"skipped {path}: {why}", err=True)
 
-    try:
-        found = predict_images(model_dir, images, top_k=top_k, runtime=runtime, batch_size=batch_size,
-                               on_skip=skipped)
-    except ExportError as error:
-        raise SearchError(str(error)) from None
+    found = predict_images(model_dir, images, top_k=top_k, runtime=runtime, batch_size=batch_size, on_skip=skipped)
     if len(skips) > SKIPS_SHOWN:
         click.echo(f"skipped {len(skips) - SKIPS_SHOWN} more unreadable files", err=True)
     if not found:
@@ -368,14 +339,12 @@ def predict(model_dir: str, images: tuple[str, ...], top_k: int, output_format: 
 
 @main.command("report")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@user_errors
 @torch_command
 def report_command(run_dir: str) -> None:
     """Write RUN_DIR/report.html (plots in RUN_DIR/report/) and RUN_DIR/optuna.journal."""
     from .report import write_report
 
-    with run_files(run_dir):
-        path, notes = write_report(run_dir)
+    path, notes = write_report(run_dir)
     for note in notes:
         click.echo(f"left out: {note}")
     click.echo(f"report: {path} (opens offline); Optuna study: optuna-dashboard {Path(run_dir, 'optuna.journal')}")
@@ -383,14 +352,11 @@ def report_command(run_dir: str) -> None:
 
 @main.command("status")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@user_errors
 def status_command(run_dir: str) -> None:
     """One screen on a search, running or finished, read from its folder (safe from another shell)."""
     from .status import format_status, read_status
 
-    with run_files(run_dir):
-        lines = format_status(read_status(run_dir))
-    for line in lines:
+    for line in format_status(read_status(run_dir)):
         click.echo(line)
 
 

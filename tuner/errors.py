@@ -1,5 +1,7 @@
-"""What a user's mistake ends in, and the checks at the edge that raise it: click only, so that
-the CLI can name them at import time without loading torch, Ray or Optuna."""
+"""The project's error types, and the one check at the edge that raises them. No dependencies:
+every module of tuner/ raises these, and only the CLI (tuner/cli.py) turns them into one line
+and an exit code. A bug in the project's own code is none of these, so it shows as a traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,40 +10,78 @@ import sys
 import tempfile
 from pathlib import Path
 
-import click
-
-# A user's mistake raised below tuner/, by modules the CLI imports only when a command runs:
-# (module, class). The translator looks them up in sys.modules, which imports nothing: an error
-# of a module not yet imported cannot have been raised.
-USER_ERRORS = (("search_spaces._errors", "SpaceError"), ("trainables.data", "DataError"),
-               ("trainables.finetune", "PretrainedError"), ("tuner._ray", "ClusterError"))
+# A user's mistake raised below tuner/ (those packages know nothing of tuner/): (module, class).
+# The CLI looks them up in sys.modules, which imports nothing: an error of a module not yet
+# imported cannot have been raised.
+LOWER_USER_ERRORS = (("search_spaces._errors", "SpaceError"), ("trainables.data", "DataError"),
+                     ("trainables.finetune", "PretrainedError"))
 
 
-class SearchError(click.ClickException):
-    """A user mistake: one line, exit code 2."""
+class UserError(Exception):
+    """A user's mistake (a flag, a file, a space, a cluster that cannot give what was asked): the
+    CLI prints the message, one line, and exits with exit_code."""
 
     exit_code = 2
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(message.split()))  # one line, whatever the cause's text held
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the cause's text held
+
+    @property
+    def message(self) -> str:
+        return str(self)
 
 
-class SearchFailed(click.ClickException):
+class SearchError(UserError):
+    """A search, its space or its flags cannot run as asked."""
+
+
+class ClusterError(UserError, RuntimeError):
+    """Ray could not be started or joined, or cannot give what was asked."""
+
+
+class RunFileError(UserError):
+    """A file of a run folder (search.json, summary.json, a table, config.json) is missing, cut off
+    or edited by hand."""
+
+
+class StatusError(UserError):
+    """Not a search folder."""
+
+
+class ReportError(UserError):
+    """The report cannot be drawn from this folder."""
+
+
+class ExportError(UserError, ValueError):
+    """A model folder cannot be exported or loaded for prediction."""
+
+
+class SearchFailed(UserError):
     """No trial gave a result (every one errored): exit code 1, the tables and report written."""
 
     exit_code = 1
 
 
-class Interrupted(click.ClickException):
+class Interrupted(UserError):
     """Ctrl-C: the search stopped with its state saved."""
 
     exit_code = 130  # the shell's code for a SIGINT
 
 
-def is_user_error(error: BaseException) -> bool:
-    """One of USER_ERRORS, checked without importing the modules that define them."""
-    return any(isinstance(error, getattr(sys.modules[module], name))
-               for module, name in USER_ERRORS if module in sys.modules)
+def warn(line: str) -> None:
+    """The default sink for warnings of the core modules: standard error, looked up when called."""
+    print(line, file=sys.stderr)
+
+
+def user_error(error: BaseException) -> UserError | None:
+    """The error as a UserError when it is one (ours, or one of LOWER_USER_ERRORS, checked without
+    importing the modules that define them); None for anything else."""
+    if isinstance(error, UserError):
+        return error
+    if any(isinstance(error, getattr(sys.modules[module], name))
+           for module, name in LOWER_USER_ERRORS if module in sys.modules):
+        return UserError(str(error))
+    return None
 
 
 def check_writable(path: str | Path, flag: str) -> None:

@@ -22,9 +22,12 @@ import torch
 from torch import nn
 
 from trainables.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from trainables.config import TrainConfig, check_config, image_sizes
+from trainables.config import TrainConfig, image_sizes
 from trainables.models import ResNet, count_macs, count_parameters, create_model
 from trainables.run import METRICS_FILE
+
+from .errors import ExportError
+from .storage import BEST_DIR
 
 FORMATS = ("pt2", "onnx", "torchscript", "safetensors")  # pt2: torch.export, TorchScript's successor
 DEFAULT_FORMATS = ("pt2", "onnx", "safetensors")           # tuner/cli.py's export --formats spells it out too
@@ -32,13 +35,8 @@ PROGRAMS = ("pt2", "onnx", "torchscript")                  # formats holding the
 FILES = {"pt2": "model.pt2", "onnx": "model.onnx", "torchscript": "model.ts", "safetensors": WEIGHTS_FILE}
 LABELS_FILE = "labels.txt"
 CARD_FILE = "README.md"
-RUN_BEST_DIR = "best"         # a search's run folder keeps its refit model here
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 ONNX_OPSET = 17               # onnxruntime >= 1.14 and most other runtimes run it
-
-
-class ExportError(ValueError):
-    """The model folder cannot be exported or loaded; the message says what was expected."""
 
 
 class RawPixelModel(nn.Module):
@@ -66,7 +64,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         problem = "is a file, not a folder" if path.exists() else "does not exist"
         raise ExportError(f"{path} {problem}; expected a model folder written by tune-resnet "
                           "(RUN_DIR/best or the --out of tune-resnet train)")
-    for folder in (path, path / RUN_BEST_DIR):
+    for folder in (path, path / BEST_DIR):
         if (folder / CONFIG_FILE).is_file():
             if not (folder / WEIGHTS_FILE).is_file():
                 raise ExportError(f"{folder} has {CONFIG_FILE} but no {WEIGHTS_FILE}; expected both")
@@ -78,7 +76,7 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 def read_meta(model_dir: Path) -> dict[str, Any]:
     try:
         meta = json.loads((model_dir / CONFIG_FILE).read_text())
-        check_config(TrainConfig.from_dict(meta["config"]))  # types too: a hand-edited "32" is no size
+        TrainConfig.from_dict(meta["config"])  # checked when built: a hand-edited "32" is no size
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ExportError(f"{model_dir / CONFIG_FILE}: not a tune-resnet model config ({error!r})") from None
     missing = [key for key in ("classes", "num_classes", "mean", "std") if key not in meta]
@@ -166,7 +164,7 @@ WRITERS = {"torchscript": _write_torchscript, "onnx": _write_onnx, "pt2": _write
 # ---------------------------------------------------------------------------------------------
 
 def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_FORMATS) -> dict[str, Path]:
-    """Write the exports, labels.txt, README.md; update config.json and metrics.json. Returns {format: file}."""
+    """Write the exports, labels.txt, README.md; update config.json. Returns {format: file}."""
     formats = parse_formats(formats)
     model_dir = resolve_model_dir(model_dir)
     model, meta = load_model(model_dir)
@@ -191,10 +189,9 @@ def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_
             _tmp(written[name]).unlink(missing_ok=True)
     stats = {"parameters": count_parameters(model), "macs_per_image": count_macs(model, size)}
     meta = _update_config(model_dir, meta, model, formats, stats)
-    metrics = {**earlier, **stats}  # parameters and MACs added; search val_acc, test figures kept
-    _write_json(model_dir / METRICS_FILE, metrics)
+    # metrics.json is the training's (trainables.run), read for the card and never rewritten here
     (model_dir / LABELS_FILE).write_text("".join(f"{name}\n" for name in meta["classes"]))
-    (model_dir / CARD_FILE).write_text(model_card(meta, metrics))
+    (model_dir / CARD_FILE).write_text(model_card(meta, {**earlier, **stats}))
     return written
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import click
-
 from .results import trial_status
 
 
 class Progress:
     def __init__(self, *, metric: str, mode: str, max_epochs: int, every_s: float = 10.0,
-                 echo: Callable[[str], None] = click.echo) -> None:
+                 echo: Callable[[str], None] = print) -> None:
         self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
         self.every_s, self.echo = every_s, echo
         self.start = self.last_print = time.monotonic()

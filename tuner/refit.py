@@ -1,12 +1,11 @@
-"""Refit: the best configuration retrained on train + validation, tested once, saved to RUN_DIR/best."""
+"""Refit: the best configuration retrained on train + validation, tested once, saved to
+RUN_DIR/best (metrics.json written once, with the search's val_acc), then exported."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import click
 from tqdm import tqdm
 
 from trainables.checkpoint import load_checkpoint
@@ -14,46 +13,47 @@ from trainables.config import TrainConfig
 from trainables.data import load_data
 from trainables.run import run_training
 
-from .export import DEFAULT_FORMATS, ExportError, export_model
+from .errors import ExportError, warn
+from .export import DEFAULT_FORMATS, export_model
+from .storage import BEST_DIR
 
-BEST_DIR = "best"
+Say = Callable[[str], None]
+WARN: Say = warn
 
 
-def refit_config(base: dict[str, Any], best_config: dict[str, Any], epochs: int) -> TrainConfig:
-    return TrainConfig.from_dict({**base, **best_config, "epochs": epochs})
+def refit_config(base: TrainConfig, best_config: dict[str, Any], epochs: int) -> TrainConfig:
+    return base.replace(**best_config, epochs=epochs)
 
 
-def refit_best(run_dir: str, found: Any, spec: Any, base: dict[str, Any]) -> dict[str, Any]:
+def refit_best(run_dir: str, found: Any, spec: Any, base: TrainConfig, say: Say = print,
+               warn: Say = WARN) -> dict[str, Any]:
+    """found: results.SearchResults of the search; spec: its SearchSpec."""
     summary = found.summary
-    best = next(t for t in found.trials if t["trial_id"] == summary["best_trial_id"])
+    best = next(t for t in found.trials if t["trial_id"] == summary.best_trial_id)
     warm = best["checkpoint"] if spec.refit.warm_start else None
-    return refit(run_dir, base=base, best_config=summary["best_config"],
-                 epochs=spec.refit.epochs or spec.budget.max_epochs, val_acc=summary["best_val_acc"],
-                 warm_start_from=warm, formats=spec.export.formats)
+    return refit(run_dir, config=refit_config(base, summary.best_config, spec.refit.epochs or spec.budget.max_epochs),
+                 val_acc=summary.best_val_acc, warm_start_from=warm, formats=spec.export.formats, say=say, warn=warn)
 
 
-def refit(run_dir: str, *, base: dict[str, Any], best_config: dict[str, Any], epochs: int,
-          val_acc: float | None, warm_start_from: str | None = None,
-          formats: Sequence[str] = DEFAULT_FORMATS) -> dict[str, Any]:
-    config = refit_config(base, best_config, epochs)
+def refit(run_dir: str, *, config: TrainConfig, val_acc: float | None, warm_start_from: str | None = None,
+          formats: Sequence[str] = DEFAULT_FORMATS, say: Say = print, warn: Say = WARN) -> dict[str, Any]:
     out = Path(run_dir) / BEST_DIR
     initial = load_checkpoint(warm_start_from)["model"] if warm_start_from else None
     data = load_data(config.dataset, config.data_path, input_size=config.input_size,
                      storage_size=config.storage_size)  # its errors come first
-    click.echo(f"refit: {config.arch} on train + validation for {epochs} epochs -> {out}")
-    with tqdm(total=epochs, desc="refit", unit="epoch", leave=False) as bar:
+    say(f"refit: {config.arch} on train + validation for {config.epochs} epochs -> {out}")
+    with tqdm(total=config.epochs, desc="refit", unit="epoch", leave=False) as bar:
         def on_epoch(metrics):
             bar.set_postfix(train_loss=f"{metrics.train_loss:.3f}", img_s=f"{metrics.train_images_per_sec:.0f}")
             bar.update()
-        metrics = run_training(config, out_dir=out, data=data, refit=True, on_epoch=on_epoch, initial_state=initial)
-    metrics["search_val_acc"] = val_acc
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics = run_training(config, out_dir=out, data=data, refit=True, on_epoch=on_epoch, initial_state=initial,
+                               extra_metrics={"search_val_acc": val_acc})
     searched = f" (search val_acc {val_acc:.4f})" if val_acc is not None else ""
-    click.echo(f"test accuracy {metrics['test_acc']:.4f} on {metrics['test']['images']} images{searched}")
+    say(f"test accuracy {metrics['test_acc']:.4f} on {metrics['test']['images']} images{searched}")
     try:
         written = export_model(out, formats=formats)
     except ExportError as error:  # the refit model is saved: a failed export must not lose it
-        click.echo(f"export failed: {error}; fix it, then run: tune-resnet export {run_dir}", err=True)
+        warn(f"export failed: {error}; fix it, then run: tune-resnet export {run_dir}")
         return metrics
-    click.echo(f"exported {', '.join(path.name for path in written.values())}, labels.txt, README.md to {out}")
+    say(f"exported {', '.join(path.name for path in written.values())}, labels.txt, README.md to {out}")
     return metrics

@@ -1,16 +1,19 @@
-"""Results of a search as tables: trials.parquet (a row per trial), history.parquet (a row per
-trial-epoch), summary.json; and the summary a person reads at the end."""
+"""What a search found, typed: a row per trial, a row per trial-epoch, and the SearchSummary;
+written once, at the end, as trials.parquet, history.parquet and summary.json; and the lines a
+person reads at the end."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+from trainables.config import TrainConfig
+
+from . import storage
+from .errors import RunFileError
 
 HISTORY_COLUMNS = ("training_iteration", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                    "epoch_time_s", "train_images_per_sec", "time_total_s", "timestamp", "reported_at",
@@ -19,10 +22,63 @@ STATUSES = ("completed", "early_stopped", "diverged", "errored")
 
 
 @dataclass(frozen=True)
+class TrialRecord:
+    """One trial as Ray Tune left it (tuner._ray.records reads them)."""
+
+    trial_id: str
+    params: dict[str, Any]
+    history: list[dict[str, Any]]   # one dict per reported epoch
+    error: str | None
+    path: str
+    checkpoint_path: str | None     # the latest kept checkpoint
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    """What a search found: summary.json, and what `search` returns."""
+
+    metric: str
+    mode: str
+    best_trial_id: str | None           # None: no trial reported a finite result
+    best_value: float | None            # the best trial's best epoch, by the objective
+    best_val_acc: float | None
+    best_epoch: int | None
+    best_config: dict[str, Any] | None  # the best trial's sampled params
+    trials: int
+    by_status: dict[str, int]
+    epochs_spent: int
+    epochs_without_early_stopping: int
+    search_started_at: float | None = None  # unix seconds; bench/trial_overhead.py reads it
+
+    @property
+    def found(self) -> bool:
+        return self.best_trial_id is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """summary.json: the fields, the best value also under best_<metric>."""
+        values = dataclasses.asdict(self)
+        best = values.pop("best_value")
+        return {"metric": self.metric, "mode": self.mode, "best_trial_id": self.best_trial_id,
+                f"best_{self.metric}": best, **{k: v for k, v in values.items() if k not in ("metric", "mode")}}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SearchSummary:
+        """From summary.json; a file without the fields raises RunFileError (storage.read_json's
+        required= names them)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"best_value"}
+        return cls(best_value=values.get(f"best_{values['metric']}"),
+                   **{k: v for k, v in values.items() if k in names})
+
+
+SUMMARY_KEYS = ("metric", "mode", "best_trial_id", "best_val_acc", "best_epoch", "best_config", "trials",
+                "by_status", "epochs_spent", "epochs_without_early_stopping")
+
+
+@dataclass(frozen=True)
 class SearchResults:
     trials: list[dict[str, Any]]
     history: list[dict[str, Any]]
-    summary: dict[str, Any]
+    summary: SearchSummary
 
 
 def trial_status(*, epochs: int, diverged: bool, errored: bool, max_epochs: int) -> str:
@@ -33,8 +89,9 @@ def trial_status(*, epochs: int, diverged: bool, errored: bool, max_epochs: int)
     return "completed" if epochs >= max_epochs else "early_stopped"
 
 
-def collect(records: list, *, metric: str, mode: str, max_epochs: int, num_samples: int) -> SearchResults:
-    """records: tuner._ray.TrialRecord items. Best = best epoch of any trial, by the objective."""
+def collect(records: list[TrialRecord], *, metric: str, mode: str, max_epochs: int, num_samples: int,
+            started_at: float | None = None) -> SearchResults:
+    """Best = best epoch of any trial, by the objective."""
     pick = max if mode == "max" else min
     trials, history = [], []
     for record in records:
@@ -61,7 +118,8 @@ def collect(records: list, *, metric: str, mode: str, max_epochs: int, num_sampl
         })
         history += [{"trial_id": record.trial_id, **{c: r.get(c) for c in HISTORY_COLUMNS}}
                     for r in record.history]
-    return SearchResults(trials, history, _summary(trials, metric, mode, max_epochs, num_samples))
+    summary = _summary(trials, metric, mode, max_epochs, num_samples)
+    return SearchResults(trials, history, dataclasses.replace(summary, search_started_at=started_at))
 
 
 def _ended_at(row: dict[str, Any]) -> float | None:
@@ -73,74 +131,76 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def _summary(trials: list[dict], metric: str, mode: str, max_epochs: int, num_samples: int) -> dict:
+def _summary(trials: list[dict], metric: str, mode: str, max_epochs: int, num_samples: int) -> SearchSummary:
     key = f"best_{metric}"
     scored = [t for t in trials if _finite(t.get(key))]
-    best = (max if mode == "max" else min)(scored, key=lambda t: t[key]) if scored else None
-    epochs = sum(t["epochs"] for t in trials)
-    return {
-        "metric": metric, "mode": mode,
-        "best_trial_id": best["trial_id"] if best else None,
-        f"best_{metric}": best[key] if best else None,
-        "best_val_acc": best["best_val_acc"] if best else None,
-        "best_epoch": best["best_epoch"] if best else None,
-        "best_config": {k[len("config/"):]: v for k, v in best.items() if k.startswith("config/")} if best else None,
-        "trials": len(trials),
-        "by_status": {s: sum(t["status"] == s for t in trials) for s in STATUSES},
-        "epochs_spent": epochs,
-        "epochs_without_early_stopping": num_samples * max_epochs,
-    }
+    best = (max if mode == "max" else min)(scored, key=lambda t: t[key]) if scored else {}
+    return SearchSummary(
+        metric=metric, mode=mode, best_trial_id=best.get("trial_id"), best_value=best.get(key),
+        best_val_acc=best.get("best_val_acc"), best_epoch=best.get("best_epoch"),
+        best_config={k[len("config/"):]: v for k, v in best.items() if k.startswith("config/")} if best else None,
+        trials=len(trials), by_status={s: sum(t["status"] == s for t in trials) for s in STATUSES},
+        epochs_spent=sum(t["epochs"] for t in trials), epochs_without_early_stopping=num_samples * max_epochs)
 
 
-def write(results: SearchResults, run_dir: str) -> None:
-    """trials.parquet, history.parquet and summary.json into run_dir (a folder or a URI)."""
-    fs, root = _filesystem(run_dir)
-    fs.create_dir(root, recursive=True)
-    pq.write_table(pa.Table.from_pylist(results.trials), f"{root}/trials.parquet", filesystem=fs)
-    pq.write_table(pa.Table.from_pylist(results.history), f"{root}/history.parquet", filesystem=fs)
-    with fs.open_output_stream(f"{root}/summary.json") as stream:
-        stream.write(json.dumps(results.summary, indent=2).encode())
+def write(found: SearchResults, run_dir: str) -> None:
+    """trials.parquet, history.parquet and summary.json into run_dir (a folder or a URI): this
+    module owns the three files; search calls it once, at the end."""
+    storage.write_tables(run_dir, found.trials, found.history)
+    storage.write_json(run_dir, storage.SUMMARY_FILE, found.summary.to_dict())
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
-
-
-def write_file(run_dir: str, name: str, data: bytes) -> None:
-    """One file into run_dir (a folder or a URI)."""
-    fs, root = _filesystem(run_dir)
-    fs.create_dir(root, recursive=True)
-    with fs.open_output_stream(f"{root}/{name}") as stream:
-        stream.write(data)
-
-
-def upload(local_dir: str, uri: str) -> None:
-    """A local folder's files to a URI (s3://, gs://, file://, ...), keeping their relative paths."""
-    fs, root = _filesystem(uri)
-    fs.create_dir(root, recursive=True)  # a local or mounted destination needs its folder
-    pafs.copy_files(local_dir, root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-
-
-def download(uri: str, local_dir: str) -> str:
-    """A folder at a URI into local_dir; returns local_dir."""
-    fs, root = _filesystem(uri)
-    pafs.LocalFileSystem().create_dir(local_dir, recursive=True)
-    pafs.copy_files(root, local_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return local_dir
-
-
-def format_summary(summary: dict[str, Any]) -> list[str]:
-    metric = summary["metric"]
-    by_status = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in summary["by_status"].items() if n)
-    saved = 1 - summary["epochs_spent"] / max(1, summary["epochs_without_early_stopping"])
-    lines = [f"trials: {summary['trials']} ({by_status})",
-             f"epochs: {summary['epochs_spent']} spent of {summary['epochs_without_early_stopping']} "
+def format_summary(summary: SearchSummary) -> list[str]:
+    by_status = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in summary.by_status.items() if n)
+    saved = 1 - summary.epochs_spent / max(1, summary.epochs_without_early_stopping)
+    lines = [f"trials: {summary.trials} ({by_status})",
+             f"epochs: {summary.epochs_spent} spent of {summary.epochs_without_early_stopping} "
              f"without early stopping ({saved:.0%} saved)"]
-    if summary["best_trial_id"] is None:
+    if not summary.found:
         return lines + ["best: none (no trial reported a finite result)"]
-    lines.append(f"best {metric}: {summary[f'best_{metric}']:.4f} (trial {summary['best_trial_id']}, "
-                 f"epoch {summary['best_epoch']})")
-    lines += [f"  {k} = {v}" for k, v in summary["best_config"].items()]
+    lines.append(f"best {summary.metric}: {summary.best_value:.4f} (trial {summary.best_trial_id}, "
+                 f"epoch {summary.best_epoch})")
+    lines += [f"  {k} = {v}" for k, v in summary.best_config.items()]
     return lines
+
+
+def read_summary(run_dir: str | Path) -> SearchSummary:
+    """summary.json of a finished search (a local folder)."""
+    return SearchSummary.from_dict(storage.read_json(Path(run_dir) / storage.SUMMARY_FILE, required=SUMMARY_KEYS))
+
+
+@dataclass(frozen=True)
+class SearchRecord:
+    """search.json: what refit, export, status and report need later, without the YAML at hand.
+    Written by tuner.search before the first trial."""
+
+    space: dict[str, Any]           # the SearchSpec, as JSON
+    base_config: TrainConfig
+    metric: str
+    mode: str
+    max_epochs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"space": self.space, "base_config": self.base_config.to_dict(), "metric": self.metric,
+                "mode": self.mode, "max_epochs": self.max_epochs}
+
+    @property
+    def refit_epochs(self) -> int:
+        return self.space["refit"]["epochs"] or self.space["budget"]["max_epochs"]
+
+    @property
+    def export_formats(self) -> list[str]:
+        return self.space["export"]["formats"]
+
+
+def read_record(run_dir: str | Path) -> SearchRecord:
+    """search.json of a search (a local folder); RunFileError when it is missing, cut off or edited."""
+    path = Path(run_dir) / storage.SEARCH_FILE
+    values = storage.read_json(path, required=("space", "base_config", "metric", "mode", "max_epochs"))
+    try:
+        record = SearchRecord(values["space"], TrainConfig.from_dict(values["base_config"]), values["metric"],
+                              values["mode"], values["max_epochs"])
+        record.refit_epochs, record.export_formats  # noqa: B018  (the keys refit reads are there)
+    except (TypeError, ValueError, KeyError) as error:  # an edited file: a config the trainer refuses, a key gone
+        raise RunFileError(f"{path}: edited or from another version ({error}); restore it from a copy") from None
+    return record

@@ -19,17 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
+from . import storage
+from .errors import RunFileError, StatusError
 
 STATUSES = ("running", "pending", "completed", "early_stopped", "ended", "diverged", "errored")
 ALWAYS_SHOWN = ("running", "pending", "completed", "early_stopped", "errored")  # the others when > 0
 SHOWN_TRIALS = 12  # rows of the trial table; the rest are counted
-
-
-class StatusError(click.ClickException):
-    """Not a search folder: one line, exit code 2."""
-
-    exit_code = 2
 
 
 @dataclass
@@ -69,7 +64,7 @@ class SearchStatus:
 def read_budget(folder: Path) -> Budget:
     """From search.json, which a search writes before its first trial. Ray's tuner.pkl holds the
     same, but it is a pickle: unpickling a folder's file could run anything, so it is never read."""
-    record = _json(folder / "search.json")
+    record = _json(folder / storage.SEARCH_FILE)
     if not record:
         return Budget()
     budget = record.get("space", {}).get("budget", {})
@@ -78,33 +73,17 @@ def read_budget(folder: Path) -> Budget:
 
 
 def _json(path: Path) -> dict[str, Any] | None:
+    """A JSON file of the run, or None while it is missing or being written."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return storage.read_json(path, optional=True)
+    except RunFileError:
         return None
-
-
-def read_result_rows(path: Path) -> list[dict[str, Any]]:
-    """result.json: a JSON object per line; a line cut short by a write in progress is skipped,
-    and a retried trial's repeated epoch keeps its later report."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    by_epoch: dict[int, dict[str, Any]] = {}
-    for line in filter(str.strip, lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        by_epoch[int(row.get("training_iteration", len(by_epoch) + 1))] = row
-    return [by_epoch[k] for k in sorted(by_epoch)]
 
 
 def trial_folders(folder: Path) -> dict[Path, list[dict[str, Any]]]:
     """Ray's trial folders (those with a result.json or params.json) -> their result rows."""
-    return {path: read_result_rows(path / "result.json") for path in sorted(folder.iterdir())
-            if path.is_dir() and ((path / "result.json").is_file() or (path / "params.json").is_file())}
+    return {path: storage.read_result_rows(str(path)) for path in sorted(folder.iterdir())
+            if path.is_dir() and ((path / storage.RESULT_FILE).is_file() or (path / "params.json").is_file())}
 
 
 def experiment_state(folder: Path) -> tuple[dict[str, dict[str, Any]], float | None]:
@@ -131,12 +110,10 @@ def experiment_state(folder: Path) -> tuple[dict[str, dict[str, Any]], float | N
 def final_statuses(folder: Path, newest_live: float) -> dict[str, str] | None:
     """trial_id -> status from trials.parquet, when it is newer than every live file, or when
     no trial is live (the search ended; a resumed one running again is read live instead)."""
-    path = folder / "trials.parquet"
+    path = folder / storage.TRIALS_FILE
     if not path.is_file() or path.stat().st_mtime < newest_live:
         return None
-    import pyarrow.parquet as pq
-
-    return {row["trial_id"]: row["status"] for row in pq.read_table(path, columns=["trial_id", "status"]).to_pylist()}
+    return {row["trial_id"]: row["status"] for row in storage.read_table(path, columns=["trial_id", "status"])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +144,7 @@ def read_status(run_dir: str | Path) -> SearchStatus:
     budget = read_budget(folder)
     ray_trials, started_at = experiment_state(folder)
     folders = trial_folders(folder)
-    if not folders and not ray_trials and not (folder / "trials.parquet").is_file():
+    if not folders and not ray_trials and not (folder / storage.TRIALS_FILE).is_file():
         raise StatusError(f"{folder}: no Ray trial folders, experiment_state-*.json or trials.parquet; "
                           "expected the run folder of a search (storage/name)")
     by_logdir = {info["logdir"]: trial_id for trial_id, info in ray_trials.items() if info.get("logdir")}
@@ -193,18 +170,16 @@ def read_status(run_dir: str | Path) -> SearchStatus:
         starts = [r["timestamp"] - r.get("time_total_s", 0.0) for t in trials.values() for r in t.rows[:1]
                   if isinstance(r.get("timestamp"), (int, float))]
         started_at = min(starts) if starts else None
-    last_update = max(newest, _mtime(folder / "trials.parquet")) or None
+    last_update = max(newest, _mtime(folder / storage.TRIALS_FILE)) or None
     return SearchStatus(folder, budget, list(trials.values()), final is not None, started_at, last_update)
 
 
 def _history_by_trial(folder: Path) -> dict[str, list[dict[str, Any]]]:
-    path = folder / "history.parquet"
+    path = folder / storage.HISTORY_FILE
     if not path.is_file():
         return {}
-    import pyarrow.parquet as pq
-
     out: dict[str, list[dict[str, Any]]] = {}
-    for row in pq.read_table(path).to_pylist():
+    for row in storage.read_table(path):
         out.setdefault(row["trial_id"], []).append(row)
     return {k: sorted(v, key=lambda r: r.get("training_iteration") or 0) for k, v in out.items()}
 

@@ -15,8 +15,10 @@ figures (the list of plots, drawn to PNG), page (the HTML), style (what the plot
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-import click
+from ..errors import warn as stderr
+from ..storage import is_uri
 
 from .figures import Plot, draw_figures, plots
 from .page import render_html, summary_lines
@@ -43,15 +45,16 @@ def write_report(run_dir: str | Path) -> tuple[Path, list[str]]:
     return path, notes + figure_notes
 
 
-def write_report_safely(run_dir: str) -> None:
-    """At the end of a search: a report that fails prints one line and never fails the search."""
-    if "://" in run_dir:
-        click.echo(f"report: skipped for remote storage; run: tune-resnet report <local copy of {run_dir}>")
+def write_report_safely(run_dir: str, say: Callable[[str], None] = print,
+                        warn: Callable[[str], None] = stderr) -> None:
+    """At the end of a search: a report that fails warns in one line and never fails the search."""
+    if is_uri(run_dir):
+        say(f"report: skipped for remote storage; run: tune-resnet report <local copy of {run_dir}>")
         return
     try:
         path, notes = write_report(run_dir)
     except Exception as error:  # the search's tables and model are saved already: say so and go on
         why = (str(error).strip().splitlines() or [""])[0][:200]
-        click.echo(f"report failed ({type(error).__name__}: {why}); try again: tune-resnet report {run_dir}", err=True)
+        warn(f"report failed ({type(error).__name__}: {why}); try again: tune-resnet report {run_dir}")
         return
-    click.echo(f"report: {path}" + (f" ({len(notes)} parts left out; see its end)" if notes else ""))
+    say(f"report: {path}" + (f" ({len(notes)} parts left out; see its end)" if notes else ""))

@@ -17,7 +17,7 @@ def plot_learning_curves(run: Run):
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    best_id = run.summary.get("best_trial_id")
+    best_id = run.summary.best_trial_id
     for trial in run.trials:
         epochs, values = curve(run, trial["trial_id"])
         if not epochs:
@@ -81,7 +81,7 @@ def plot_best_vs_epochs(run: Run):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.scatter(x, values, s=12, color="tab:gray", alpha=0.6, label="an epoch of a trial")
     ax.step(x, _running_best(values), where="post", color="tab:green", lw=2, label="best so far")
-    budget = run.summary.get("epochs_without_early_stopping")
+    budget = run.summary.epochs_without_early_stopping
     if budget:
         ax.axvline(budget, color="tab:red", ls="--", lw=1,
                    label=f"{budget} epochs: the same trials without early stopping")

@@ -76,9 +76,8 @@ def _test_predictions(run: Run):
     from ..export import load_raw_pixel_model
 
     model, _ = load_raw_pixel_model(run.folder / BEST_DIR)
-    base = run.record.get("base_config") or run.meta["config"]
-    data = load_data(base["dataset"], base["data_path"], input_size=base["input_size"],
-                     storage_size=base.get("storage_size"))
+    base = run.record.base_config
+    data = load_data(base.dataset, base.data_path, input_size=base.input_size, storage_size=base.storage_size)
     index = torch.randperm(len(data.test_labels), generator=torch.Generator().manual_seed(0))[:GRID_POOL]
     images, labels = data.test_images[index], data.test_labels[index]
     with torch.inference_mode():  # the exported contract: float RGB 0-255, normalised inside

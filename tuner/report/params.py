@@ -70,7 +70,7 @@ def plot_parallel(run: Run, study: optuna.Study):
 def plot_slices(run: Run):
     import numpy as np
 
-    distributions = param_distributions(run.record.get("space", {}))
+    distributions = param_distributions(run.record.space)
     names = [n for n in distributions if any(t.get(f"config/{n}") is not None for t in run.trials)]
     if not names:
         return None

@@ -4,34 +4,27 @@ and the few helpers every part of the report reads it with."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
-import pyarrow.parquet as pq
+from .. import storage
+from ..errors import ReportError
+from ..results import SearchRecord, SearchSummary, read_record, read_summary
+from ..storage import BEST_DIR
 
 REPORT_FILE = "report.html"
 REPORT_DIR = "report"          # the PNGs, referenced from report.html as report/<name>.png
 JOURNAL_FILE = "optuna.journal"
-BEST_DIR = "best"
-
-
-class ReportError(click.ClickException):
-    """Not the folder of a finished search: one line, exit code 2."""
-
-    exit_code = 2
-
 
 @dataclass(frozen=True)
 class Run:
     folder: Path
     trials: list[dict[str, Any]]      # trials.parquet rows
     history: list[dict[str, Any]]     # history.parquet rows
-    summary: dict[str, Any]           # summary.json
-    record: dict[str, Any]            # search.json: space, base_config, metric, mode, max_epochs
+    summary: SearchSummary            # summary.json
+    record: SearchRecord              # search.json: space, base_config, metric, mode, max_epochs
     metrics: dict[str, Any] | None    # best/metrics.json of the refit, if there was one
     meta: dict[str, Any] | None       # best/config.json: classes, config, mean/std
 
@@ -41,29 +34,25 @@ class Run:
 
     @property
     def metric(self) -> str:
-        return self.record.get("metric") or self.summary.get("metric", "val_acc")
+        return self.record.metric
 
     @property
     def mode(self) -> str:
-        return self.record.get("mode") or self.summary.get("mode", "max")
+        return self.record.mode
 
 
 def load_run(run_dir: str | Path) -> Run:
     folder = Path(run_dir)
-    missing = [n for n in ("trials.parquet", "history.parquet", "summary.json", "search.json")
+    missing = [n for n in (storage.TRIALS_FILE, storage.HISTORY_FILE, storage.SUMMARY_FILE, storage.SEARCH_FILE)
                if not (folder / n).is_file()]
     if missing:
         raise ReportError(f"{folder}: no {', '.join(missing)}; expected the folder of a finished search "
                           f"(for one still running: tune-resnet status {folder})")
     best = folder / BEST_DIR
-    return Run(folder, pq.read_table(folder / "trials.parquet").to_pylist(),
-               pq.read_table(folder / "history.parquet").to_pylist(),
-               json.loads((folder / "summary.json").read_text()), json.loads((folder / "search.json").read_text()),
-               _read_json(best / "metrics.json"), _read_json(best / "config.json"))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return Run(folder, storage.read_table(folder / storage.TRIALS_FILE),
+               storage.read_table(folder / storage.HISTORY_FILE), read_summary(folder), read_record(folder),
+               storage.read_json(best / "metrics.json", optional=True),
+               storage.read_json(best / "config.json", optional=True))
 
 
 def finite(value: Any) -> bool:

@@ -36,7 +36,7 @@ def frozen_trials(run: Run) -> list[optuna.trial.FrozenTrial]:
     """One Optuna trial per Ray trial. Value: the trial's best epoch by the objective (what the
     summary ranks by); completed and ASHA-stopped trials are COMPLETE (Ray's OptunaSearch reports
     both so), diverged and errored ones FAIL. Per-epoch values become intermediate values."""
-    distributions = param_distributions(run.record.get("space", {}))
+    distributions = param_distributions(run.record.space)
     out = []
     for trial in run.trials:
         params = {n: trial[f"config/{n}"] for n in distributions if trial.get(f"config/{n}") is not None}
