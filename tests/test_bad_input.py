@@ -336,3 +336,17 @@ def test_dry_run_checks_the_data_source_too(tmp_path, image_folder, data, messag
     result = CliRunner().invoke(main, ["search", "--space", str(space), "--dry-run"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert message in result.output
+
+
+@pytest.mark.parametrize("hook, message", [
+    ("no_such_module:Hook", "trial.hook: cannot import no_such_module:Hook (ModuleNotFoundError: No module named "
+                            "'no_such_module'); put its module on PYTHONPATH on every node"),
+    ("trial_hooks:NoSuchHook", "trial.hook: cannot import trial_hooks:NoSuchHook (AttributeError: "),
+    ("trial_hooks:TESTS", "trial.hook: trial_hooks:TESTS is a PosixPath, not a class or function"),
+])
+def test_a_trial_hook_that_does_not_import_fails_before_the_search(ray_session, tmp_path, image_folder, hook, message):
+    space = write_space(tmp_path, image_folder, trial={"hook": hook})
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--storage", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: {message}"), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()

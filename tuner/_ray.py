@@ -29,6 +29,8 @@ from trainables.config import TrainConfig
 from trainables.data import Splits, load_data, make_splits
 from trainables.train import NonFiniteLossError, Trainer, flush_denormals
 
+from . import hooks
+
 METRIC_DIVERGED = "diverged"
 KEEP_CHECKPOINTS = 2  # per trial: the latest (to resume) and one before it
 
@@ -160,9 +162,12 @@ def _splits_for(config: TrainConfig, cache_dir: str | None) -> Splits:
     return _SPLITS[key]
 
 
-def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None, threads: int) -> None:
+def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None, threads: int,
+          hook: str | None = None, hook_args: dict[str, Any] | None = None) -> None:
     """Train one sampled configuration, reporting once per epoch and checkpointing as often as
     CheckpointPacer allows (every epoch unless saving is slow next to the epochs; the last always).
+    hook: the space's trial.hook ('module:callable', called with hook_args), told of the start and
+    of each epoch's end before its report (tuner/hooks.py); None: nothing is called.
 
     Overheads travel with each report: setup_s (entry to the first training step: data from the
     process's cache, model build, restore) and between_epochs_s (checkpoint + report of the epoch
@@ -183,8 +188,8 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "pid": os.getpid(),
              "started_at": time.time()}
     where["setup_s"] = where["started_at"] - entered
-    _barrier_hook()
-    _fault_hook(trainer.epoch)
+    trial_hook = hooks.make(hook, hook_args)
+    hooks.call(trial_hook, "on_start", trainer)
     try:
         last_epoch_end, pacer = None, CheckpointPacer()
         for metrics in trainer.epochs():
@@ -192,6 +197,7 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None
             between = None if last_epoch_end is None else epoch_end - metrics.epoch_time_s - last_epoch_end
             row = {**metrics.to_dict(), **where, "reported_at": epoch_end, "between_epochs_s": between,
                    METRIC_DIVERGED: 0}
+            hooks.call(trial_hook, "on_epoch_end", trainer, row)  # before the report: Ray may stop the trial in it
             if pacer.due(final=trainer.epoch >= config.epochs):
                 started = pacer.clock()
                 with tempfile.TemporaryDirectory() as folder:
@@ -200,7 +206,6 @@ def trial(params: dict[str, Any], *, base: dict[str, Any], cache_dir: str | None
                 pacer.saved(started)
             else:
                 tune.report(row)
-            _fault_hook(trainer.epoch)
             last_epoch_end = epoch_end
     except NonFiniteLossError as error:
         # Not a crash and not worth a retry: tell the scheduler and the sampler it scored nothing.
@@ -224,27 +229,6 @@ class CheckpointPacer:
         """Call after a save that began at clock() == started."""
         now = self.clock()
         self.cost, self.last = now - started, now
-
-
-def _barrier_hook(timeout_s: float = 30.0) -> None:
-    """Tests hold each trial until n have started, to see n run at once despite slow process starts:
-    TUNE_RESNET_BARRIER=<folder>:<n>, set on the Ray nodes. Never waits more than timeout_s."""
-    barrier = os.environ.get("TUNE_RESNET_BARRIER")
-    if not barrier:
-        return
-    folder, count = barrier.rsplit(":", 1)
-    Path(folder, f"{os.getpid()}-{time.time_ns()}").touch()
-    deadline = time.monotonic() + timeout_s
-    while len(os.listdir(folder)) < int(count) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _fault_hook(epoch: int) -> None:
-    """Tests kill a trial's process at a chosen epoch: TUNE_RESNET_CRASH_AT_EPOCH=<n>, once per marker file."""
-    crash_at, marker = os.environ.get("TUNE_RESNET_CRASH_AT_EPOCH"), os.environ.get("TUNE_RESNET_CRASH_MARKER")
-    if crash_at and marker and epoch == int(crash_at) and not os.path.exists(marker):
-        Path(marker).write_text(str(os.getpid()))
-        os._exit(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,11 +255,18 @@ class SearchPlan:
     cache_dir: str | None
     verbose: bool
     max_failures: int = 2
+    hook: str | None = None                   # trial.hook: module:callable, checked here on the driver
+    hook_args: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.hook:
+            hooks.check(self.hook)  # a name that does not import fails now, not in every trial
 
 
 def _trainable(plan: SearchPlan):
     threads = max(1, int(plan.cpus_per_trial))
-    fn = tune.with_parameters(trial, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads)
+    fn = tune.with_parameters(trial, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads,
+                              hook=plan.hook, hook_args=plan.hook_args)
     return tune.with_resources(fn, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 

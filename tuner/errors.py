@@ -14,7 +14,8 @@ import click
 # (module, class). The translator looks them up in sys.modules, which imports nothing: an error
 # of a module not yet imported cannot have been raised.
 USER_ERRORS = (("search_spaces._errors", "SpaceError"), ("trainables.data", "DataError"),
-               ("trainables.finetune", "PretrainedError"), ("tuner._ray", "ClusterError"))
+               ("trainables.finetune", "PretrainedError"), ("tuner._ray", "ClusterError"),
+               ("tuner.hooks", "HookError"))
 
 
 class SearchError(click.ClickException):

@@ -382,7 +382,8 @@ def make_plan(spec: SearchSpec, options: SearchOptions, base: dict, resources: R
         grace_period=spec.budget.grace_period, reduction_factor=spec.budget.reduction_factor,
         time_limit_s=spec.budget.time_limit_s, max_concurrent=resources.max_concurrent,
         cpus_per_trial=resources.cpus_per_trial, gpus_per_trial=resources.gpus_per_trial,
-        base_config=base, cache_dir=os.environ.get("TUNE_RESNET_CACHE"), verbose=options.verbose)
+        base_config=base, cache_dir=os.environ.get("TUNE_RESNET_CACHE"), verbose=options.verbose,
+        hook=spec.trial.hook, hook_args=spec.trial.hook_args)
 
 
 def _save_space(spec: SearchSpec, run_dir: str, base: dict, plan: _ray.SearchPlan) -> None:
