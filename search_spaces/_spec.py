@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -88,6 +89,21 @@ class SamplerSpec(_Section):
 class TrialSpec(_Section):
     cpus: PositiveFloat = 1  # per trial
     gpus: int | float | Literal["auto"] = 0  # per trial; a fraction shares one GPU
+    hook: str | None = None  # module:callable, called by each trial at its start and epochs' ends (tuner/hooks.py)
+    hook_args: dict[str, Any] = {}  # keyword arguments the hook is called with
+
+    @field_validator("hook")
+    @classmethod
+    def _check_hook(cls, hook: str | None) -> str | None:
+        if hook is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", hook):
+            raise ValueError(f"expected module:callable (e.g. my_hooks:EpochLog), got {short_repr(hook)}")
+        return hook
+
+    @model_validator(mode="after")
+    def _check_hook_args(self) -> TrialSpec:
+        if self.hook_args and not self.hook:
+            raise _AtKey(("hook_args",), "given without trial.hook")
+        return self
 
     @field_validator("gpus", mode="before")
     @classmethod

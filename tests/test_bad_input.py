@@ -303,15 +303,24 @@ def _damaged_run(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
+SPACE_JSON = ('{"space": {"refit": {"epochs": 1}, "budget": {"max_epochs": 1}, "export": {"formats": []}}, '
+              '"base_config": {}, "metric": "val_acc", "mode": "max", "max_epochs": 1}')
+NO_RESULT = ('{"metric": "val_acc", "mode": "max", "best_trial_id": null, "best_val_acc": null, "best_epoch": null, '
+             '"best_config": null, "trials": 1, "by_status": {"errored": 1}, "epochs_spent": 0, '
+             '"epochs_without_early_stopping": 1}')
+
+
 @pytest.mark.parametrize("command, files, message", [
-    ("refit", {"search.json": '{"space": {"refit": ', "summary.json": "{}"}, "JSONDecodeError"),
-    ("refit", {"search.json": "[1, 2]", "summary.json": "{}"}, "TypeError"),
-    ("refit", {"search.json": '{"space": {"refit": {"epochs": 1}, "budget": {"max_epochs": 1}, '
-                              '"export": {"formats": []}}, "base_config": {}}',
-               "summary.json": '{"best_config": null, "best_val_acc": null}'}, "no trial of this search gave a result"),
-    ("status", {"search.json": "[1, 2]", "summary.json": "{}"}, "a file of the run cannot be read"),
-    ("report", {"search.json": "{}", "summary.json": "{}", "trials.parquet": "cut", "history.parquet": "cut"},
-     "a file of the run cannot be read (ArrowInvalid"),
+    ("refit", {"search.json": '{"space": {"refit": ', "summary.json": "{}"}, "search.json: cut off or edited"),
+    ("refit", {"search.json": "[1, 2]", "summary.json": "{}"}, "search.json: expected a JSON object"),
+    ("refit", {"search.json": SPACE_JSON.replace('"base_config": {}', '"base_config": {"lr": -1}'),
+               "summary.json": NO_RESULT}, "search.json: edited or from another version (lr: expected a positive"),
+    ("refit", {"search.json": SPACE_JSON, "summary.json": '{"best_config": null}'}, "summary.json: missing metric"),
+    ("refit", {"search.json": SPACE_JSON, "summary.json": NO_RESULT}, "no trial of this search gave a result"),
+    ("status", {"search.json": "[1, 2]", "summary.json": "{}"}, "expected the run folder of a search"),
+    ("status", {"search.json": SPACE_JSON, "trials.parquet": "cut"}, "trials.parquet: cannot be read as a table"),
+    ("report", {"search.json": SPACE_JSON, "summary.json": NO_RESULT, "trials.parquet": "cut", "history.parquet": "cut"},
+     "trials.parquet: cannot be read as a table"),
 ])
 def test_a_run_folder_with_damaged_files_is_one_line(tmp_path, command, files, message):
     run = _damaged_run(tmp_path / "run", files)
@@ -336,3 +345,17 @@ def test_dry_run_checks_the_data_source_too(tmp_path, image_folder, data, messag
     result = CliRunner().invoke(main, ["search", "--space", str(space), "--dry-run"])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert message in result.output
+
+
+@pytest.mark.parametrize("hook, message", [
+    ("no_such_module:Hook", "trial.hook: cannot import no_such_module:Hook (ModuleNotFoundError: No module named "
+                            "'no_such_module'); put its module on PYTHONPATH on every node"),
+    ("trial_hooks:NoSuchHook", "trial.hook: cannot import trial_hooks:NoSuchHook (AttributeError: "),
+    ("trial_hooks:TESTS", "trial.hook: trial_hooks:TESTS is a PosixPath, not a class or function"),
+])
+def test_a_trial_hook_that_does_not_import_fails_before_the_search(ray_session, tmp_path, image_folder, hook, message):
+    space = write_space(tmp_path, image_folder, trial={"hook": hook})
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--storage", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: {message}"), result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()

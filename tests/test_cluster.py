@@ -31,6 +31,7 @@ import yaml
 
 from test_search import run_tables, search, write_space
 from trainables.config import TrainConfig
+from trial_hooks import with_tests_on_path
 from tuner import _ray
 from tuner.errors import SearchError
 from tuner.plan import Cluster, SearchOptions, load_spec, plan_resources
@@ -283,8 +284,8 @@ CLUSTER_TOKEN = secrets.token_hex(32)  # Ray's token auth, on: the nodes listen 
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the session's Ray
-    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": CLUSTER_TOKEN,
-            **extra}
+    return with_tests_on_path({**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
+                               "RAY_AUTH_TOKEN": CLUSTER_TOKEN, **extra})  # trials import trial_hooks
 
 
 def start_node(temp_dir: Path, log: Path, env: dict, *args: str) -> subprocess.Popen:
@@ -339,9 +340,8 @@ def processes_using(temp_dir: Path) -> list[int]:
 def local_cluster():
     """Head + worker, 1 CPU and 2 GPUs each; yields its address and facts about it."""
     temp_dir = Path(tempfile.mkdtemp(prefix="trc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    barrier = temp_dir / "barrier"
-    barrier.mkdir()
-    env = child_env(TUNE_RESNET_BARRIER=f"{barrier}:{TRIALS_AT_ONCE}")
+    (temp_dir / "barrier").mkdir()  # for trial_hooks.Barrier
+    env = child_env()
     port, dashboard_port = free_ports(2)
     nodes = [start_node(temp_dir, temp_dir / "head.log", env, "--head", "--port", str(port),
                         "--include-dashboard", "false", "--dashboard-port", str(dashboard_port))]
@@ -416,7 +416,9 @@ def assert_only_the_best_keeps_checkpoints(trials: list[dict], summary: dict, ru
 
 
 def test_search_on_two_nodes_runs_8_trials_at_once_on_half_gpus(local_cluster, image_folder, tmp_path, data_cache):
-    space = write_space(tmp_path, image_folder, trial={"cpus": 0.25, "gpus": 0.5},
+    barrier = {"folder": str(local_cluster["temp_dir"] / "barrier"), "count": TRIALS_AT_ONCE}
+    space = write_space(tmp_path, image_folder, trial={"cpus": 0.25, "gpus": 0.5, "hook": "trial_hooks:Barrier",
+                                                       "hook_args": barrier},  # 8 start before any trains
                         budget={"num_samples": 8, "max_epochs": 2, "grace_period": 2})
     storage = tmp_path / "runs"
     code, output = driver("--space", str(space), "--address", local_cluster["address"], "--storage", str(storage),

@@ -3,6 +3,7 @@ retried from its checkpoint, a learning rate that makes the loss explode."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_search import run_tables, search, write_space
+from trial_hooks import with_tests_on_path
 from tuner._ray import CheckpointPacer
 from tuner.ray_state import STATE_BACKUP, back_up_state, repair_state
 
@@ -76,10 +78,18 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, im
 
 
 def test_killed_trial_continues_from_its_checkpoint(image_folder, tmp_path):
-    """The driver runs in a subprocess with an embedded Ray, so its trial processes see the hook."""
-    marker = tmp_path / "crashed"
-    env = {**os.environ, "TUNE_RESNET_CRASH_AT_EPOCH": "2", "TUNE_RESNET_CRASH_MARKER": str(marker)}
-    space = write_space(tmp_path, image_folder, budget={"num_samples": 1, "max_epochs": 4, "grace_period": 4})
+    """The space's trial hook (tests/trial_hooks.py) kills the trial's process once epoch 2 trained,
+    before its report; the driver runs in a subprocess with an embedded Ray, the hook's module on
+    PYTHONPATH for its workers. The environment variables that once injected faults are set too,
+    and do nothing."""
+    marker, log, old_marker, old_barrier = (tmp_path / name for name in ("crashed", "hook.jsonl", "env-crashed",
+                                                                          "env-barrier"))
+    old_barrier.mkdir()
+    env = with_tests_on_path({**os.environ, "TUNE_RESNET_CRASH_AT_EPOCH": "1",
+                              "TUNE_RESNET_CRASH_MARKER": str(old_marker), "TUNE_RESNET_BARRIER": f"{old_barrier}:2"})
+    hook = {"hook": "trial_hooks:CrashAt", "hook_args": {"epoch": 2, "marker": str(marker), "log": str(log)}}
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 1, "max_epochs": 4, "grace_period": 4},
+                        trial=hook)
     command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage",
                str(tmp_path / "runs"), "--name", "crash", "--no-refit", "--cpus", "1"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -89,6 +99,14 @@ def test_killed_trial_continues_from_its_checkpoint(image_folder, tmp_path):
     assert trials[0]["status"] == "completed" and trials[0]["epochs"] == 4
     assert [h["training_iteration"] for h in history] == [1, 2, 3, 4]  # continued, not restarted
     assert history[2]["time_total_s"] > history[1]["time_total_s"]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    # epoch 1 was always checkpointed (the first save is due at once); epoch 2 never reported
+    assert [(c["call"], c["epoch"]) for c in calls] == [("start", 0), ("epoch_end", 1), ("epoch_end", 2),
+                                                        ("start", 1), ("epoch_end", 2), ("epoch_end", 3),
+                                                        ("epoch_end", 4)]
+    assert all(c["reported"] == c["epoch"] for c in calls if c["call"] == "epoch_end")
+    assert calls[2]["pid"] != calls[3]["pid"]  # the retry ran in a new process
+    assert not old_marker.exists() and not any(old_barrier.iterdir())  # no environment variable read
 
 
 def test_exploding_loss_is_diverged_not_a_crash(ray_session, image_folder, tmp_path):

@@ -33,6 +33,7 @@ from .errors import ClusterError
 from .plan import Cluster, SearchPlan
 from .ray_state import back_up_state
 from .results import TrialRecord
+from . import hooks
 
 METRIC_DIVERGED = "diverged"
 KEEP_CHECKPOINTS = 2  # per trial: the latest (to resume) and one before it
@@ -151,9 +152,12 @@ def _splits_for(config: TrainConfig, cache_dir: str | None) -> Splits:
     return _SPLITS[key]
 
 
-def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, threads: int) -> None:
+def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, threads: int,
+          hook: str | None = None, hook_args: dict[str, Any] | None = None) -> None:
     """Train one sampled configuration, reporting once per epoch and checkpointing as often as
     CheckpointPacer allows (every epoch unless saving is slow next to the epochs; the last always).
+    hook: the space's trial.hook ('module:callable', called with hook_args), told of the start and
+    of each epoch's end before its report (tuner/hooks.py); None: nothing is called.
 
     Overheads travel with each report: setup_s (entry to the first training step: data from the
     process's cache, model build, restore) and between_epochs_s (checkpoint + report of the epoch
@@ -174,8 +178,8 @@ def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, t
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "pid": os.getpid(),
              "started_at": time.time()}
     where["setup_s"] = where["started_at"] - entered
-    _barrier_hook()
-    _fault_hook(trainer.epoch)
+    trial_hook = hooks.make(hook, hook_args)
+    hooks.call(trial_hook, "on_start", trainer)
     try:
         last_epoch_end, pacer = None, CheckpointPacer()
         for metrics in trainer.epochs():
@@ -183,6 +187,7 @@ def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, t
             between = None if last_epoch_end is None else epoch_end - metrics.epoch_time_s - last_epoch_end
             row = {**metrics.to_dict(), **where, "reported_at": epoch_end, "between_epochs_s": between,
                    METRIC_DIVERGED: 0}
+            hooks.call(trial_hook, "on_epoch_end", trainer, row)  # before the report: Ray may stop the trial in it
             if pacer.due(final=trainer.epoch >= config.epochs):
                 started = pacer.clock()
                 with tempfile.TemporaryDirectory() as folder:
@@ -191,7 +196,6 @@ def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, t
                 pacer.saved(started)
             else:
                 tune.report(row)
-            _fault_hook(trainer.epoch)
             last_epoch_end = epoch_end
     except NonFiniteLossError as error:
         # Not a crash and not worth a retry: tell the scheduler and the sampler it scored nothing.
@@ -217,34 +221,14 @@ class CheckpointPacer:
         self.cost, self.last = now - started, now
 
 
-def _barrier_hook(timeout_s: float = 30.0) -> None:
-    """Tests hold each trial until n have started, to see n run at once despite slow process starts:
-    TUNE_RESNET_BARRIER=<folder>:<n>, set on the Ray nodes. Never waits more than timeout_s."""
-    barrier = os.environ.get("TUNE_RESNET_BARRIER")
-    if not barrier:
-        return
-    folder, count = barrier.rsplit(":", 1)
-    Path(folder, f"{os.getpid()}-{time.time_ns()}").touch()
-    deadline = time.monotonic() + timeout_s
-    while len(os.listdir(folder)) < int(count) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def _fault_hook(epoch: int) -> None:
-    """Tests kill a trial's process at a chosen epoch: TUNE_RESNET_CRASH_AT_EPOCH=<n>, once per marker file."""
-    crash_at, marker = os.environ.get("TUNE_RESNET_CRASH_AT_EPOCH"), os.environ.get("TUNE_RESNET_CRASH_MARKER")
-    if crash_at and marker and epoch == int(crash_at) and not os.path.exists(marker):
-        Path(marker).write_text(str(os.getpid()))
-        os._exit(1)
-
-
 # ---------------------------------------------------------------------------------------------
 # The search
 # ---------------------------------------------------------------------------------------------
 
 def _trainable(plan: SearchPlan):
     threads = max(1, int(plan.cpus_per_trial))
-    fn = tune.with_parameters(trial, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads)
+    fn = tune.with_parameters(trial, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads,
+                              hook=plan.hook, hook_args=plan.hook_args)
     return tune.with_resources(fn, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 

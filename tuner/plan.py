@@ -18,6 +18,7 @@ from trainables.config import AUGMENTS, FREEZE_STRATEGIES, OPTIMIZERS, SCHEDULES
 from trainables.finetune import PretrainedError, check_model, model_config_of
 from trainables.models import list_models, model_macs
 
+from . import hooks
 from .errors import SearchError
 from .storage import storage_root
 
@@ -80,6 +81,8 @@ class SearchPlan:
     cache_dir: str | None
     verbose: bool
     max_failures: int = 2
+    hook: str | None = None                   # trial.hook: module:callable (tuner/hooks.py)
+    hook_args: dict[str, Any] | None = None
 
     @property
     def run_dir(self) -> str:
@@ -328,6 +331,8 @@ def describe(spec: SearchSpec, options: SearchOptions) -> list[str]:
 
 
 def make_plan(spec: SearchSpec, options: SearchOptions, base: TrainConfig, resources: Resources) -> SearchPlan:
+    if spec.trial.hook:
+        hooks.check(spec.trial.hook)  # a name that does not import fails now, not in every trial
     sampler = build_sampler(spec.sampler, params=spec.params, concurrency=resources.max_concurrent)
     return SearchPlan(
         name=run_name(spec, options), storage=storage_root(options.storage),
@@ -336,7 +341,8 @@ def make_plan(spec: SearchSpec, options: SearchOptions, base: TrainConfig, resou
         grace_period=spec.budget.grace_period, reduction_factor=spec.budget.reduction_factor,
         time_limit_s=spec.budget.time_limit_s, max_concurrent=resources.max_concurrent,
         cpus_per_trial=resources.cpus_per_trial, gpus_per_trial=resources.gpus_per_trial,
-        base_config=base, cache_dir=os.environ.get("TUNE_RESNET_CACHE"), verbose=options.verbose)
+        base_config=base, cache_dir=os.environ.get("TUNE_RESNET_CACHE"), verbose=options.verbose,
+        hook=spec.trial.hook, hook_args=spec.trial.hook_args)
 
 
 def run_name(spec: SearchSpec, options: SearchOptions) -> str:
