@@ -1,5 +1,5 @@
 """Compute to reach a target validation accuracy: ASHA + TPE against random search without early
-stopping, same space, same epochs per trial (`spaces/quick.yaml` by default), over several seeds.
+stopping, same space, same epochs per trial (`bench/spaces/quick8.yaml`, the quick demo's former 8-epoch space, by default), over several seeds.
 By default both run the same number of trials; `--asha-trials` gives ASHA more, so that both
 spend about the same epochs (ASHA's trials are cheaper: it stops most of them early).
 
@@ -66,7 +66,7 @@ def summarise(runs: list[dict], targets: list[float]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
-    parser.add_argument("--space", default="spaces/quick.yaml")
+    parser.add_argument("--space", default="bench/spaces/quick8.yaml")
     parser.add_argument("--trials", type=int, default=None, help="trials per search (default: the space's)")
     parser.add_argument("--asha-trials", type=int, default=None,
                         help="trials for ASHA + TPE (default: --trials): more, for the same epochs in all")

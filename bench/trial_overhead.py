@@ -72,7 +72,7 @@ def overheads(run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
-    parser.add_argument("--space", default="spaces/quick.yaml")
+    parser.add_argument("--space", default="bench/spaces/quick8.yaml")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--train-subset", type=int, default=None)

@@ -129,6 +129,11 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, key)
         if value not in allowed:
             raise ValueError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    _check_sizes(config)
+    _check_ranges(config)
+
+
+def _check_sizes(config: TrainConfig) -> None:
     if config.width is not None and config.width < 1:
         raise ValueError(f"width: expected a positive number of channels, got {config.width!r}")
     if config.input_size < 8:
@@ -142,6 +147,9 @@ def check_config(config: TrainConfig) -> None:
         raise ValueError(f"crop_ratio: expected a ratio >= 1 (crops from 1/ratio to ratio), got {config.crop_ratio!r}")
     if not 0.0 < config.device_data_share <= 1.0:
         raise ValueError(f"device_data_share: expected 0 < share <= 1 of GPU memory, got {config.device_data_share!r}")
+
+
+def _check_ranges(config: TrainConfig) -> None:
     positive = ("lr", "batch_size", "epochs", "input_size", "eval_batch_size")
     for key in positive:
         if not getattr(config, key) > 0:

@@ -173,33 +173,42 @@ def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, t
     if checkpoint:  # a retried or resumed trial continues from its last epoch
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(load_checkpoint(folder))
+    where = _placement(entered)
+    trial_hook = hooks.make(hook, hook_args)
+    hooks.call(trial_hook, "on_start", trainer)
+    try:
+        _train_and_report(trainer, where, trial_hook)
+    except NonFiniteLossError as error:
+        # Not a crash and not worth a retry: tell the scheduler and the sampler it scored nothing.
+        tune.report({"epoch": error.epoch, "val_acc": 0.0, "val_loss": float(1e9), **where, METRIC_DIVERGED: 1})
+
+
+def _placement(entered: float) -> dict[str, Any]:
+    """Where the trial runs and when it started (columns of trials.parquet), sent with each report."""
     where = {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
              "gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "pid": os.getpid(),
              "started_at": time.time()}
-    where["setup_s"] = where["started_at"] - entered
-    trial_hook = hooks.make(hook, hook_args)
-    hooks.call(trial_hook, "on_start", trainer)
-    try:
-        last_epoch_end, pacer = None, CheckpointPacer()
-        for metrics in trainer.epochs():
-            epoch_end = time.time()
-            between = None if last_epoch_end is None else epoch_end - metrics.epoch_time_s - last_epoch_end
-            row = {**metrics.to_dict(), **where, "reported_at": epoch_end, "between_epochs_s": between,
-                   METRIC_DIVERGED: 0}
-            hooks.call(trial_hook, "on_epoch_end", trainer, row)  # before the report: Ray may stop the trial in it
-            if pacer.due(final=trainer.epoch >= config.epochs):
-                started = pacer.clock()
-                with tempfile.TemporaryDirectory() as folder:
-                    save_checkpoint(folder, trainer.state_dict())
-                    tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
-                pacer.saved(started)
-            else:
-                tune.report(row)
-            last_epoch_end = epoch_end
-    except NonFiniteLossError as error:
-        # Not a crash and not worth a retry: tell the scheduler and the sampler it scored nothing.
-        tune.report({"epoch": error.epoch, "val_acc": 0.0, "val_loss": float(1e9), **where, METRIC_DIVERGED: 1})
+    return {**where, "setup_s": where["started_at"] - entered}
+
+
+def _train_and_report(trainer: Trainer, where: dict[str, Any], trial_hook: Any) -> None:
+    last_epoch_end, pacer = None, CheckpointPacer()
+    for metrics in trainer.epochs():
+        epoch_end = time.time()
+        between = None if last_epoch_end is None else epoch_end - metrics.epoch_time_s - last_epoch_end
+        row = {**metrics.to_dict(), **where, "reported_at": epoch_end, "between_epochs_s": between,
+               METRIC_DIVERGED: 0}
+        hooks.call(trial_hook, "on_epoch_end", trainer, row)  # before the report: Ray may stop the trial in it
+        if pacer.due(final=trainer.epoch >= trainer.config.epochs):
+            started = pacer.clock()
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(folder, trainer.state_dict())
+                tune.report(row, checkpoint=tune.Checkpoint.from_directory(folder))
+            pacer.saved(started)
+        else:
+            tune.report(row)
+        last_epoch_end = epoch_end
 
 
 class CheckpointPacer:

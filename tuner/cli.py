@@ -354,7 +354,8 @@ def report_command(run_dir: str) -> None:
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def status_command(run_dir: str) -> None:
     """One screen on a search, running or finished, read from its folder (safe from another shell)."""
-    from .status import format_status, read_status
+    from .screen import format_status
+    from .status import read_status
 
     for line in format_status(read_status(run_dir)):
         click.echo(line)

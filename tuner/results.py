@@ -96,7 +96,7 @@ def collect(records: list[TrialRecord], *, metric: str, mode: str, max_epochs: i
     trials, history = [], []
     for record in records:
         rows = [r for r in record.history if not r.get("diverged")]
-        scored = [r for r in rows if _finite(r.get(metric))]
+        scored = [r for r in rows if finite(r.get(metric))]
         best_row = pick(scored, key=lambda r: r[metric]) if scored else {}
         last = rows[-1] if rows else {}
         trials.append({
@@ -127,13 +127,14 @@ def _ended_at(row: dict[str, Any]) -> float | None:
     return row.get("reported_at") or row.get("timestamp")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def finite(value: Any) -> bool:
+    """A real number, neither NaN nor infinite (a bool is no number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _summary(trials: list[dict], metric: str, mode: str, max_epochs: int, num_samples: int) -> SearchSummary:
     key = f"best_{metric}"
-    scored = [t for t in trials if _finite(t.get(key))]
+    scored = [t for t in trials if finite(t.get(key))]
     best = (max if mode == "max" else min)(scored, key=lambda t: t[key]) if scored else {}
     return SearchSummary(
         metric=metric, mode=mode, best_trial_id=best.get("trial_id"), best_value=best.get(key),
@@ -148,25 +149,6 @@ def write(found: SearchResults, run_dir: str) -> None:
     module owns the three files; search calls it once, at the end."""
     storage.write_tables(run_dir, found.trials, found.history)
     storage.write_json(run_dir, storage.SUMMARY_FILE, found.summary.to_dict())
-
-
-def format_summary(summary: SearchSummary) -> list[str]:
-    by_status = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in summary.by_status.items() if n)
-    saved = 1 - summary.epochs_spent / max(1, summary.epochs_without_early_stopping)
-    lines = [f"trials: {summary.trials} ({by_status})",
-             f"epochs: {summary.epochs_spent} spent of {summary.epochs_without_early_stopping} "
-             f"without early stopping ({saved:.0%} saved)"]
-    if not summary.found:
-        return lines + ["best: none (no trial reported a finite result)"]
-    lines.append(f"best {summary.metric}: {summary.best_value:.4f} (trial {summary.best_trial_id}, "
-                 f"epoch {summary.best_epoch})")
-    lines += [f"  {k} = {v}" for k, v in summary.best_config.items()]
-    return lines
-
-
-def read_summary(run_dir: str | Path) -> SearchSummary:
-    """summary.json of a finished search (a local folder)."""
-    return SearchSummary.from_dict(storage.read_json(Path(run_dir) / storage.SUMMARY_FILE, required=SUMMARY_KEYS))
 
 
 @dataclass(frozen=True)

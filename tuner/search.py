@@ -26,6 +26,7 @@ from .plan import (Cluster, SearchOptions, SearchPlan, base_config, check_params
 from .progress import Progress
 from .refit import WARN, refit_best
 from .report import write_report_safely
+from .screen import format_summary
 
 Say = Callable[[str], None]
 
@@ -100,7 +101,7 @@ def _search(spec: SearchSpec, plan: SearchPlan, resume: bool, say: Say) -> resul
     if _ray.interrupted(grid, plan):
         raise Interrupted(f"interrupted with {found.summary.trials} of {plan.num_samples} trials started; "
                           f"state saved in {plan.run_dir}; continue with the same command plus --resume")
-    for line in results.format_summary(found.summary):
+    for line in format_summary(found.summary):
         say(line)
     return found
 

@@ -47,7 +47,7 @@ def per_class_table(run: Run) -> str:
 
 
 def summary_lines(run: Run) -> list[str]:
-    from ..results import format_summary
+    from ..screen import format_summary
 
     lines = format_summary(run.summary)
     if run.metrics and finite(run.metrics.get("test_acc")):

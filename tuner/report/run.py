@@ -4,14 +4,13 @@ and the few helpers every part of the report reads it with."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import storage
 from ..errors import ReportError
-from ..results import SearchRecord, SearchSummary, read_record, read_summary
+from ..results import SearchRecord, SearchSummary, finite, read_record, read_summary  # noqa: F401  (finite: for the plots)
 from ..storage import BEST_DIR
 
 REPORT_FILE = "report.html"
@@ -53,11 +52,6 @@ def load_run(run_dir: str | Path) -> Run:
                storage.read_table(folder / storage.HISTORY_FILE), read_summary(folder), read_record(folder),
                storage.read_json(best / "metrics.json", optional=True),
                storage.read_json(best / "config.json", optional=True))
-
-
-def finite(value: Any) -> bool:
-    """A real number, neither NaN nor infinite (a bool is no number here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def curve(run: Run, trial_id: str, column: str = "val_acc") -> tuple[list[int], list[float]]:

@@ -1,0 +1,129 @@
+"""What a person reads in a terminal: the summary at the end of a search and the screen of
+`tune-resnet status`. Lines of text from typed values (results.SearchSummary, status.SearchStatus);
+nothing is read or written here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from .results import SearchSummary, finite
+from .status import STATUSES, SearchStatus, TrialState
+
+ALWAYS_SHOWN = ("running", "pending", "completed", "early_stopped", "errored")  # the others when > 0
+SHOWN_TRIALS = 12  # rows of the trial table; the rest are counted
+
+
+def format_summary(summary: SearchSummary) -> list[str]:
+    by_status = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in summary.by_status.items() if n)
+    saved = 1 - summary.epochs_spent / max(1, summary.epochs_without_early_stopping)
+    lines = [f"trials: {summary.trials} ({by_status})",
+             f"epochs: {summary.epochs_spent} spent of {summary.epochs_without_early_stopping} "
+             f"without early stopping ({saved:.0%} saved)"]
+    if not summary.found:
+        return lines + ["best: none (no trial reported a finite result)"]
+    lines.append(f"best {summary.metric}: {summary.best_value:.4f} (trial {summary.best_trial_id}, "
+                 f"epoch {summary.best_epoch})")
+    lines += [f"  {k} = {v}" for k, v in summary.best_config.items()]
+    return lines
+
+
+def read_summary(run_dir: str | Path) -> SearchSummary:
+    """summary.json of a finished search (a local folder)."""
+    return SearchSummary.from_dict(storage.read_json(Path(run_dir) / storage.SUMMARY_FILE, required=SUMMARY_KEYS))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def best_so_far(status: SearchStatus) -> tuple[float, str, int] | None:
+    metric, sign = status.budget.metric, 1 if status.budget.mode == "max" else -1
+    found = [(row[metric], t.trial_id, int(row.get("training_iteration", 0)), row.get("timestamp") or 0)
+             for t in status.trials for row in t.rows
+             if not row.get("diverged") and finite(row.get(metric))]
+    best = max(found, key=lambda f: (sign * f[0], -f[3])) if found else None  # a tie: the first to get there
+    return best[:3] if best else None
+
+
+def mean_epoch_time(status: SearchStatus) -> float | None:
+    """Seconds per epoch of one trial: the median of the reported epoch times (robust to the
+    first epoch's warm-up and to a retried epoch)."""
+    times = [r["epoch_time_s"] for t in status.trials for r in t.rows if isinstance(r.get("epoch_time_s"), (int, float))]
+    return statistics.median(times) if times else None
+
+
+def estimate_left(status: SearchStatus) -> str | None:
+    """Time left, from the median epoch time and the epochs the budget still allows: trials not
+    finished are assumed to run as many epochs as the finished ones did on average (ASHA's
+    observed stopping), or max_epochs before any finished."""
+    budget, epoch_s = status.budget, mean_epoch_time(status)
+    if status.finished or not budget.max_epochs or not budget.num_samples or epoch_s is None:
+        return None
+    done = [t.epochs for t in status.trials if t.status not in ("running", "pending")]
+    expected = statistics.mean(done) if done else budget.max_epochs
+    running = [t for t in status.trials if t.status == "running"]
+    unstarted = max(0, budget.num_samples - len(status.trials)) + sum(t.status == "pending" for t in status.trials)
+    left = sum(max(0.0, expected - t.epochs) for t in running) + unstarted * expected
+    worst = sum(budget.max_epochs - t.epochs for t in running) + unstarted * budget.max_epochs
+    at_once = max(1, len(running))
+    if not running and not unstarted:
+        return "time left: no trial left to run (the refit and the report may still be running)"
+    return (f"time left: ~{_clock(left * epoch_s / at_once)} (an estimate: ~{left:.0f} epochs left at "
+            f"{epoch_s:.1f} s each, {at_once} trial{'s' if at_once > 1 else ''} at a time; "
+            f"up to {_clock(worst * epoch_s / at_once)} if no more trials are stopped early)")
+
+
+def format_status(status: SearchStatus, now: float | None = None) -> list[str]:
+    now = time.time() if now is None else now
+    budget = status.budget
+    counts = {s: sum(t.status == s for t in status.trials) for s in STATUSES}
+    unstarted = max(0, (budget.num_samples or 0) - len(status.trials))
+    counts["pending"] += unstarted
+    live = unstarted or counts["running"] or counts["pending"]
+    state = ("finished" if status.finished else "running" if live
+             else "trials done, tables not written yet (refitting, or the search was stopped)")
+    updated = f", last update {_clock(now - status.last_update)} ago" if status.last_update else ""
+    planned = f"{budget.num_samples} planned" if budget.num_samples else "planned count unknown (no readable search.json)"
+    lines = [f"run {status.folder}: {state}{updated}",
+             f"trials: {planned} | " + ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ALWAYS_SHOWN)]
+    best = best_so_far(status)
+    lines.append(f"best {budget.metric} so far: {best[0]:.4f} (trial {best[1]}, epoch {best[2]})" if best
+                 else f"best {budget.metric} so far: - (no epoch reported yet)")
+    epochs = sum(t.epochs for t in status.trials)
+    if status.started_at:
+        end = max((r.get("timestamp", 0) for t in status.trials for r in t.rows), default=now) if status.finished else now
+        lines.append(f"time spent: {_clock(max(0.0, end - status.started_at))}, {epochs} epochs reported"
+                     + (f" of at most {budget.num_samples * budget.max_epochs}" if budget.num_samples and budget.max_epochs else ""))
+    left = estimate_left(status)
+    if left:
+        lines.append(left)
+    return lines + trial_table(status)
+
+
+def trial_table(status: SearchStatus) -> list[str]:
+    metric, sign = status.budget.metric, 1 if status.budget.mode == "max" else -1
+    order = {s: i for i, s in enumerate(STATUSES)}
+
+    def best(t: TrialState) -> float | None:
+        values = [r[metric] for r in t.rows if isinstance(r.get(metric), (int, float)) and not r.get("diverged")]
+        return max(values, key=lambda v: sign * v) if values else None
+
+    ranked = sorted(status.trials, key=lambda t: (order.get(t.status, 9), -sign * (best(t) or 0.0)))
+    max_epochs = status.budget.max_epochs
+    lines = [f"  {'trial':<12} {'status':<14} {'epochs':>7} {'best ' + metric:>14} {'last ' + metric:>14}"]
+    for t in ranked[:SHOWN_TRIALS]:
+        last = t.rows[-1].get(metric) if t.rows else None
+        epochs = f"{t.epochs}/{max_epochs}" if max_epochs else str(t.epochs)
+        lines.append(f"  {t.trial_id[:12]:<12} {t.status:<14} {epochs:>7} {_num(best(t)):>14} {_num(last):>14}")
+    if len(ranked) > SHOWN_TRIALS:
+        lines.append(f"  ... {len(ranked) - SHOWN_TRIALS} more")
+    return lines
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if finite(value) else "-"
