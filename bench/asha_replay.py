@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from tuner.rungs import rank_correlation
+
 
 def load_curves(run_dir: Path) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """trial_id -> val_acc per epoch, trial_id -> seconds per epoch; only trials with every epoch."""
@@ -89,9 +91,9 @@ def paired(run_dir: Path, baseline_dir: Path):
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    ra = np.argsort(np.argsort(a, kind="stable"), kind="stable")
-    rb = np.argsort(np.argsort(b, kind="stable"), kind="stable")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    """The product's rank correlation (tuner/rungs.py, ties share their mean rank); NaN where undefined."""
+    value = rank_correlation(list(a), list(b))
+    return math.nan if value is None else value
 
 
 def rung_fidelity(curves: dict[str, list[float]]) -> list[float]:

@@ -32,4 +32,9 @@ def build_sampler(spec: SamplerSpec, *, params: ParamsSpec, concurrency: int) ->
         if spec.type == "qmc":
             # Scrambled, so the seed picks the sequence rather than only the independent sampler.
             return optuna.samplers.QMCSampler(seed=spec.seed, scramble=True, warn_independent_sampling=False)
+        if spec.type == "gp":
+            # A Gaussian process over the params every trial has (categorical ones too); the conditional
+            # ones, absent from some trials, fall back to a seeded RandomSampler, as under cmaes. Trials
+            # still running enter its acquisition (qLogEI), so it needs no constant liar. Needs torch.
+            return optuna.samplers.GPSampler(seed=spec.seed, warn_independent_sampling=False, **startup)
         return optuna.samplers.GridSampler(grid_space(params), seed=spec.seed)

@@ -80,9 +80,9 @@ class BudgetSpec(_Section):
 
 
 class SamplerSpec(_Section):
-    type: Literal["tpe", "random", "cmaes", "qmc", "grid"] = "tpe"
+    type: Literal["tpe", "random", "cmaes", "qmc", "grid", "gp"] = "tpe"
     seed: int = 0  # same seed, same sampled configurations
-    n_startup_trials: NonNegativeInt | None = None  # tpe/cmaes random warm-up; None = Optuna's default
+    n_startup_trials: NonNegativeInt | None = None  # tpe/cmaes/gp random warm-up; None = Optuna's default
     multivariate: bool = True  # tpe only
 
 

@@ -142,6 +142,44 @@ def test_report_opens_offline_and_says_what_the_search_found(rendered):
     assert page.count("<tr>") >= 1 + 7 + 1 + 3  # top trials (7 scored) and per-class headers + rows
 
 
+def test_report_shows_how_well_ashas_rungs_ranked(rendered):
+    """One rung (epoch 1 of 3): 7 judged (the diverged trial was not), 2 stopped, 3 finished, whose
+    epoch-1 val_acc (0.5, 0.45, 0.5) ranks their finals (0.8, 0.75, 0.7) no better than chance."""
+    folder, _ = rendered
+    page = (folder / REPORT_FILE).read_text()
+    assert "<h2>ASHA's rungs</h2>" in page
+    assert "<tr><td>1</td><td>7</td><td>2</td><td>5</td><td>3</td><td>+0.00</td></tr>" in page
+    assert "class='warning'" not in page
+
+
+def write_run(folder: Path, image_folder: Path, curves: dict[str, tuple[dict, list[float]]], params: dict) -> Path:
+    """A search's tables from val_acc curves (a curve cut short: a trial ASHA stopped) and its search.json."""
+    records = [SimpleNamespace(trial_id=trial_id, params=config, history=epoch_rows(trial_id, values, T0 + 4 * i),
+                               error=None, path=str(folder / f"trial_{trial_id}"), checkpoint_path=None)
+               for i, (trial_id, (config, values)) in enumerate(curves.items())]
+    results.write(results.collect(records, metric="val_acc", mode="max", max_epochs=MAX_EPOCHS,
+                                  num_samples=len(curves)), str(folder))
+    record = {"space": parse_space({**SPACE, "params": params}).model_dump(mode="json"),
+              "base_config": base_config(image_folder), "metric": "val_acc", "mode": "max", "max_epochs": MAX_EPOCHS}
+    (folder / "search.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_report_of_a_search_whose_first_rung_misranks_warns_at_the_top(tmp_path, image_folder):
+    """The depth case of bench/README.md in small (tests/test_rungs.py's DEPTH): the rung after
+    epoch 1 stopped 6 of 7 depth-20 trials, and the one that went on ended best."""
+    from test_rungs import DEPTH
+
+    params = {"depth": {"choice": [8, 14, 20]}, "lr": {"loguniform": [0.05, 0.5]}}
+    folder = write_run(tmp_path / "misranked", image_folder, DEPTH, params)
+    code, output = invoke("report", str(folder))
+    assert code == 0, output
+    top, rest = (folder / REPORT_FILE).read_text().split("<h2>Summary</h2>")
+    warning = "warning: the rung at epoch 1 stopped 6 of 7 trials with depth = 20 (other depth: 3 of 11)"
+    assert f"<p class='warning'>{warning}" in top  # above everything else
+    assert "<tr><td>1</td><td>18</td><td>9</td><td>9</td><td>9</td>" in rest and warning in rest
+
+
 def test_journal_holds_the_study_for_optuna_dashboard(rendered):
     from optuna.storages.journal import JournalFileBackend
 

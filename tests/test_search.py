@@ -102,6 +102,7 @@ def test_search_writes_tables_that_agree_with_the_summary(finished_search):
 def test_search_prints_progress_and_refits(finished_search):
     folder, _, output = finished_search
     assert "completed" in output and "stopped early" in output and "best val_acc" in output
+    assert "ASHA's rungs: Spearman of the val_acc" in output and "  epoch 1: 6 judged, " in output  # under the summary
     best = folder / "runs" / "first" / "best"
     metrics = json.loads((best / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and 0.0 <= metrics["test_acc"] <= 1.0
@@ -277,11 +278,38 @@ def test_dry_run_prints_the_space_and_starts_nothing(image_folder, tmp_path):
 def test_dry_run_rungs_are_ray_tunes(max_t, grace, factor):
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    from tuner.plan import asha_rungs
+    from tuner.rungs import asha_rungs
 
     bracket = _Bracket(min_t=grace, max_t=max_t, reduction_factor=factor, s=0)
     theirs = sorted(math.ceil(m) for m, _ in bracket._rungs if m < max_t)
     assert asha_rungs(max_t, grace, factor) == theirs
+
+
+def test_gp_sampler_suggests_through_ray_optuna_search(tmp_path):
+    """sampler.type gp as tuner/_ray.py hands it to Ray Tune (OptunaSearch, define-by-run, a
+    conditional param), two trials out at once, the searcher saved and restored; Ray is not started."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search_spaces import build_sampler, parse_space
+
+    spec = parse_space({"name": "gp", "sampler": {"type": "gp", "seed": 3, "n_startup_trials": 2},
+                        "params": {"optimizer": {"choice": ["sgd", "adamw"]}, "lr": {"loguniform": [1.0e-4, 0.1]},
+                                   "momentum": {"uniform": [0.8, 0.99], "when": {"optimizer": "sgd"}}, "epochs": 3}})
+
+    def searcher():
+        return OptunaSearch(space=spec.define_by_run(), metric="val_acc", mode="max",
+                            sampler=build_sampler(spec.sampler, params=spec.params, concurrency=2))
+
+    first = searcher()
+    for step in range(3):
+        configs = {f"t{step}{k}": first.suggest(f"t{step}{k}") for k in range(2)}
+        for trial_id, config in configs.items():
+            assert config["epochs"] == 3 and ("momentum" in config) == (config["optimizer"] == "sgd")
+            first.on_trial_complete(trial_id, {"val_acc": config["lr"] * 10, **config})
+    first.save(str(tmp_path / "searcher.pkl"))
+    again = searcher()
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert 1.0e-4 <= again.suggest("t9")["lr"] <= 0.1
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -208,7 +208,7 @@ ERRORS = [
     ("grid with a condition", _space(f"{OPTIMIZER}\n{MOMENTUM}optimizer: sgd}}}}", "sampler: {type: grid}"),
      "params.momentum.when", "expected no condition under sampler type grid"),
     ("unknown sampler", _space("lr: 0.1", "sampler: {type: tpee}"),
-     "sampler.type", "expected one of tpe, random, cmaes, qmc, grid, got 'tpee' (did you mean 'tpe'?)"),
+     "sampler.type", "expected one of tpe, random, cmaes, qmc, grid, gp, got 'tpee' (did you mean 'tpe'?)"),
     ("unknown param name", _space("lrr: {uniform: [0.1, 0.2]}"),
      "params.lrr", "unknown parameter (did you mean 'lr'?)"),
     ("not a number", _space("lr: {uniform: [low, 0.2]}"),
@@ -306,9 +306,10 @@ def test_build_sampler_options(tmp_path: Path) -> None:
         warnings.simplefilter("error")  # no ExperimentalWarning leaks to the user
         samplers = {
             kind: build_sampler(spec.sampler.model_copy(update={"type": kind}), params=spec.params, concurrency=4)
-            for kind in ["tpe", "random", "cmaes", "qmc"]
+            for kind in ["tpe", "random", "cmaes", "qmc", "gp"]
         }
     assert isinstance(samplers["tpe"], optuna.samplers.TPESampler)
+    assert isinstance(samplers["gp"], optuna.samplers.GPSampler)
     assert isinstance(samplers["cmaes"], optuna.samplers.CmaEsSampler)
     assert isinstance(samplers["qmc"], optuna.samplers.QMCSampler)
     grid = load_space(_write(tmp_path, _sampler_space("grid")))
@@ -316,6 +317,35 @@ def test_build_sampler_options(tmp_path: Path) -> None:
     assert isinstance(sampler, optuna.samplers.GridSampler)
     configs = _run_study(grid, 100)  # GridSampler stops the study when the grid is done
     assert len(configs) == 2 * 4 and {c["batch_size"] for c in configs} == {64, 128, 192, 256}
+
+
+def test_gp_sampler_is_seeded_and_samples_a_conditional_space(tmp_path: Path) -> None:
+    """GPSampler models the params every trial has; momentum (sgd only) comes from its seeded random
+    fallback. A few asks and tells past the warm-up, where the Gaussian process is fitted."""
+    text = _sampler_space("gp").replace("n_startup_trials: 5", "n_startup_trials: 2")
+    spec = load_space(_write(tmp_path, text))
+    sampler = build_sampler(spec.sampler, params=spec.params, concurrency=2)
+    assert isinstance(sampler, optuna.samplers.GPSampler)
+    first = _run_study(spec, 5)
+    assert first == _run_study(spec, 5)  # same seed, same configurations, GP steps included
+    assert first[:2] != _run_study(spec, 2, seed=2)
+    for config in first:
+        assert ("momentum" in config) == (config["optimizer"] == "sgd")
+        assert 1.0e-4 <= config["lr"] <= 0.1 and config["batch_size"] in (64, 128, 192, 256)
+    # As Ray's OptunaSearch drives it: two trials asked at once (the GP counts the running one), then
+    # the sampler pickled with the searcher's checkpoint and restored.
+    study = optuna.create_study(sampler=sampler)
+    space = spec.define_by_run()
+    for batch in (1, 1, 2):
+        trials = [study.ask() for _ in range(batch)]
+        for trial in trials:
+            space(trial)
+        for trial in trials:
+            study.tell(trial, trial.params["lr"])
+    study.sampler = pickle.loads(pickle.dumps(sampler))
+    trial = study.ask()
+    space(trial)
+    assert 1.0e-4 <= trial.params["lr"] <= 0.1
 
 
 def test_define_by_run_in_a_real_study(tmp_path: Path) -> None:

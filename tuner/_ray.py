@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -251,6 +252,9 @@ def run_search(plan: SearchPlan, *, listener: Any, resume: bool) -> tune.ResultG
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Ray times the define-by-run call, the sampler's work included: sampler.type gp fits its
+        # Gaussian process there, often for more than Ray's 1 s, while the space itself takes microseconds.
+        warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument took")
     if resume:
         tuner = tune.Tuner.restore(path, trainable=_trainable(plan), resume_errored=True)
     else:

@@ -7,7 +7,6 @@ printing, no files written. tuner/search.py runs the plan; tuner/_ray.py carries
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from trainables.models import list_models, model_macs
 
 from . import hooks
 from .errors import SearchError
+from .rungs import asha_rungs  # ASHA's arithmetic lives with the rung diagnostics
 from .storage import storage_root
 
 
@@ -295,15 +295,6 @@ def _check_a_node_fits(cpus: float, gpus: float, cluster: Cluster) -> None:
     nodes = ", ".join(f"{c:g} CPU + {g:g} GPU" for c, g in sorted(set(cluster.node_resources), reverse=True))
     raise SearchError(f"trial.cpus: {cpus:g} CPU + {gpus:g} GPU per trial, but no node has that much "
                       f"(nodes: {nodes}); lower trial.cpus or --cpus-per-trial")
-
-
-def asha_rungs(max_epochs: int, grace_period: int, reduction_factor: float) -> list[int]:
-    """Epochs at which ASHA decides (Ray stops at the first epoch >= grace * factor**k below max_t)."""
-    rungs, at = [], float(grace_period)
-    while at < max_epochs:
-        rungs.append(math.ceil(at - 1e-9))
-        at *= reduction_factor
-    return rungs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from search_spaces import SearchSpec
 from trainables.config import TrainConfig
 from trainables.data import check_source, check_splits, load_data
 
-from . import _ray, ray_state, results, storage
+from . import _ray, ray_state, results, rungs, storage
 from .errors import Interrupted, SearchError, SearchFailed, check_writable
 from .plan import (Cluster, SearchOptions, SearchPlan, base_config, check_params, describe, load_spec, make_plan,
                    plan_resources, run_name)
@@ -47,6 +47,9 @@ def run(options: SearchOptions, say: Say = print, warn: Say = WARN) -> results.S
     _load_data(base, say)
     plan = _plan(spec, options, base, say)
     found = _search(spec, plan, _resume_possible(plan, say) if options.resume else False, say)
+    for line in rungs.format_rungs(rungs.diagnose_space(spec.model_dump(mode="json"), found.trials, found.history,
+                                                        metric=plan.metric, mode=plan.mode)):
+        say(line)  # under the summary: how well ASHA's rungs ranked the trials
     if options.refit and found.summary.found:
         _refit_into_storage(plan.run_dir, found, spec, base, say, warn)
     write_report_safely(plan.run_dir, say, warn)  # report.html + optuna.journal; a failure warns in one line

@@ -1,5 +1,5 @@
-"""report.html itself: the summary lines, the top-trials and per-class tables, and the page
-around the figures (inline style only: no script, no font, no CDN)."""
+"""report.html itself: the summary lines, ASHA's rungs (tuner/rungs.py) and their warnings, the
+top-trials and per-class tables, and the page around the figures (inline style only: no script, no font, no CDN)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..rungs import RungDiagnostics, diagnose_space, format_misranking
 from .run import REPORT_DIR, Run, finite
 
 if TYPE_CHECKING:  # only its file and caption are read here
@@ -58,6 +59,28 @@ def summary_lines(run: Run) -> list[str]:
     return lines
 
 
+def rung_warnings(diagnostics: RungDiagnostics) -> str:
+    """The misranking warnings, for the top of the page."""
+    return "".join(f"<p class='warning'>{html.escape(format_misranking(m, diagnostics.metric))}</p>"
+                   for m in diagnostics.misrankings)
+
+
+def rungs_section(diagnostics: RungDiagnostics) -> str:
+    """ASHA's rungs: trials judged, stopped and finished, and the rank correlation of the objective
+    at the rung with the final one; empty when ASHA had no rung or no trial reached one."""
+    if not any(rung.judged for rung in diagnostics.rungs):
+        return ""
+    metric = diagnostics.metric
+    header = ["rung (epoch)", "judged", "stopped", "went on", "finished",
+              f"Spearman({metric} at the rung, {metric} after epoch {diagnostics.max_epochs})"]
+    rows = [[r.epoch, r.judged, r.stopped, r.went_on, r.finished,
+             f"{r.correlation:+.2f}" if r.correlation is not None else f"none: {r.no_correlation}"]
+            for r in diagnostics.rungs]
+    note = ("<p>Over the trials that finished, which the rung itself chose by their score there: a rung that "
+            "ranks well reads near 1, one that stops the future best near 0 or below.</p>")
+    return "<h2>ASHA's rungs</h2>" + note + _table(header, rows) + rung_warnings(diagnostics)
+
+
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
@@ -66,16 +89,19 @@ figure { margin: 1.5em 0; } figure img { max-width: 100%; height: auto; border: 
 figcaption { font-size: .9em; color: #555; }
 table { border-collapse: collapse; font-size: .85em; } td, th { border: 1px solid #ddd; padding: .25em .5em; }
 th { background: #f0f0f0; } .notes { color: #777; font-size: .85em; }
+.warning { background: #fff4e5; border-left: 4px solid #e69500; padding: .5em .8em; }
 """
 
 
 def render_html(run: Run, drawn: list[Plot], notes: list[str], journal: Path | None) -> str:
     e = html.escape
+    rungs = diagnose_space(run.record.space, run.trials, run.history, metric=run.metric, mode=run.mode)
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{e(run.name)}: search report"
              f"</title><style>{STYLE}</style></head><body>",
              f"<h1>Search report: {e(run.name)}</h1><p>{e(str(run.folder.resolve()))}, written {e(when)}</p>",
-             "<h2>Summary</h2><pre>" + e("\n".join(summary_lines(run))) + "</pre>"]
+             rung_warnings(rungs), "<h2>Summary</h2><pre>" + e("\n".join(summary_lines(run))) + "</pre>",
+             rungs_section(rungs)]
     for figure in drawn:
         parts.append(f"<figure><img src='{REPORT_DIR}/{figure.file}' alt='{e(figure.caption)}'>"
                      f"<figcaption>{e(figure.caption)}</figcaption></figure>")
