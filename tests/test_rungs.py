@@ -9,8 +9,9 @@ import pytest
 
 from search_spaces import parse_space
 from tuner import results
-from tuner.rungs import (Misranking, asha_rungs, diagnose, diagnose_space, discrete_params, format_rungs,
+from tuner.rungs import (Misranking, asha_rungs, diagnose, diagnose_space, discrete_params,
                          rank_correlation)
+from tuner.screen import format_rungs
 
 
 def tables(curves: dict[str, tuple[dict, list[float]]], *, max_epochs: int, ending: dict[str, str] | None = None):

@@ -523,7 +523,8 @@ SHIPPED_SPACES = sorted([*(ROOT / "spaces").glob("*.yaml"), *(ROOT / "bench" / "
 def test_the_shipped_spaces_are_all_found():
     names = {str(p.relative_to(ROOT)) for p in SHIPPED_SPACES}
     assert {"spaces/quick.yaml", "spaces/scratch.yaml", "spaces/finetune.yaml", "spaces/finetune_run.yaml", "spaces/resnet18.yaml",
-            "bench/spaces/quick_wide.yaml", "bench/spaces/quick_16.yaml", "bench/spaces/quick_full.yaml"} <= names
+            "bench/spaces/quick8.yaml", "bench/spaces/quick_wide.yaml", "bench/spaces/quick_16.yaml",
+            "bench/spaces/quick_full.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED_SPACES, ids=lambda p: str(p.relative_to(ROOT)))

@@ -65,7 +65,8 @@ def default_device() -> torch.device:
 
 def channels_last_is_faster(device: torch.device) -> bool:
     """NHWC tensors and weights: faster on CUDA (tensor cores) and on the CPU too, where oneDNN's
-    convolutions run NHWC natively (bench/README.md, "channels_last on the CPU": 1.2x)."""
+    convolutions run NHWC natively (bench/README.md, "channels_last on the CPU, measured": the
+    project's ResNet-20 loop at 1.34x its NCHW self on 2 cores, 2026-12-03)."""
     return True
 
 

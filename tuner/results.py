@@ -151,6 +151,11 @@ def write(found: SearchResults, run_dir: str) -> None:
     storage.write_json(run_dir, storage.SUMMARY_FILE, found.summary.to_dict())
 
 
+def read_summary(run_dir: str | Path) -> SearchSummary:
+    """summary.json of a finished search (a local folder)."""
+    return SearchSummary.from_dict(storage.read_json(Path(run_dir) / storage.SUMMARY_FILE, required=SUMMARY_KEYS))
+
+
 @dataclass(frozen=True)
 class SearchRecord:
     """search.json: what refit, export, status and report need later, without the YAML at hand.

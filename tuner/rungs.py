@@ -3,7 +3,7 @@ trials as their final score does, and did a rung stop one value of a parameter t
 scores do not hold against?
 
 Pure functions of trials.parquet's and history.parquet's rows and the budget (no Ray, no
-files, no printing): tuner/search.py prints format_rungs() under the summary, the report draws
+files, no printing): tuner/search.py prints screen.format_rungs() under the summary, the report draws
 the same RungDiagnostics as a table and puts the warnings at the top.
 
 A trial's final score is its objective at its last epoch, for the trials that ran all
@@ -26,7 +26,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from scipy import stats
 
 MIN_RANKED = 3            # finished trials a rank correlation needs
 MIN_STOPPED = 3           # trials with one value a rung must stop before a warning
@@ -96,6 +95,8 @@ def rank_correlation(a: list[float], b: list[float]) -> float | None:
     fewer than two pairs, or one side all equal."""
     if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
         return None
+    from scipy import stats  # here: `tune-resnet status` imports this module and never needs scipy
+
     return float(stats.spearmanr(a, b).statistic)
 
 
@@ -174,6 +175,8 @@ def _misranking(epoch: int, param: str, value: Any, judged: Mapping[str, str], t
     if stopped < MIN_STOPPED or stopped < MOSTLY * len(mine) or not others:
         return None
     table = [[stopped, len(mine) - stopped], [others_stopped, len(others) - others_stopped]]
+    from scipy import stats
+
     p_value = float(stats.fisher_exact(table, alternative="greater").pvalue)
     mine_final = [finals[t] for t in mine if t in finals]
     others_final = [finals[t] for t in others if t in finals]
@@ -195,30 +198,3 @@ def _finite(value: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 # lines for a terminal and the report
 # ---------------------------------------------------------------------------------------------
-
-def format_rungs(diagnostics: RungDiagnostics) -> list[str]:
-    """What the end of a search prints under the summary: a line per rung, a line per warning;
-    nothing when ASHA had no rung or no trial reached one."""
-    if not any(rung.judged for rung in diagnostics.rungs):
-        return []
-    metric = diagnostics.metric
-    lines = [f"ASHA's rungs: Spearman of the {metric} at each rung with the final {metric} "
-             f"(epoch {diagnostics.max_epochs}), over the trials that finished"]
-    lines += [f"  epoch {rung.epoch}: {rung.judged} judged, {rung.stopped} stopped, {rung.went_on} went on; "
-              + correlation_text(rung) for rung in diagnostics.rungs]
-    return lines + [format_misranking(m, metric) for m in diagnostics.misrankings]
-
-
-def correlation_text(rung: Rung) -> str:
-    if rung.correlation is None:
-        return f"no rank correlation ({rung.no_correlation})"
-    return f"Spearman {rung.correlation:+.2f} over {rung.finished} finished"
-
-
-def format_misranking(m: Misranking, metric: str) -> str:
-    """One line: which rung stopped which value, how often against the others, and the finals."""
-    return (f"warning: the rung at epoch {m.epoch} stopped {m.stopped} of {m.judged} trials with {m.param} = "
-            f"{m.value} (other {m.param}: {m.others_stopped} of {m.others_judged}), yet {m.param} = {m.value} "
-            f"ends as well (best final {metric} {m.best_final:.4f} of {m.finished} finished, the others' median "
-            f"{m.others_median_final:.4f} of {m.others_finished}): the rung may rank {m.param} wrongly; "
-            f"consider a later first rung (budget.grace_period)")

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from .results import SearchSummary, finite
+from .rungs import Misranking, Rung, RungDiagnostics
 from .status import STATUSES, SearchStatus, TrialState
 
 ALWAYS_SHOWN = ("running", "pending", "completed", "early_stopped", "errored")  # the others when > 0
@@ -28,11 +29,6 @@ def format_summary(summary: SearchSummary) -> list[str]:
                  f"epoch {summary.best_epoch})")
     lines += [f"  {k} = {v}" for k, v in summary.best_config.items()]
     return lines
-
-
-def read_summary(run_dir: str | Path) -> SearchSummary:
-    """summary.json of a finished search (a local folder)."""
-    return SearchSummary.from_dict(storage.read_json(Path(run_dir) / storage.SUMMARY_FILE, required=SUMMARY_KEYS))
 
 
 def _clock(seconds: float) -> str:
@@ -127,3 +123,31 @@ def trial_table(status: SearchStatus) -> list[str]:
 
 def _num(value: Any) -> str:
     return f"{value:.4f}" if finite(value) else "-"
+
+
+def format_rungs(diagnostics: RungDiagnostics) -> list[str]:
+    """What the end of a search prints under the summary: a line per rung, a line per warning;
+    nothing when ASHA had no rung or no trial reached one."""
+    if not any(rung.judged for rung in diagnostics.rungs):
+        return []
+    metric = diagnostics.metric
+    lines = [f"ASHA's rungs: Spearman of the {metric} at each rung with the final {metric} "
+             f"(epoch {diagnostics.max_epochs}), over the trials that finished"]
+    lines += [f"  epoch {rung.epoch}: {rung.judged} judged, {rung.stopped} stopped, {rung.went_on} went on; "
+              + correlation_text(rung) for rung in diagnostics.rungs]
+    return lines + [format_misranking(m, metric) for m in diagnostics.misrankings]
+
+
+def correlation_text(rung: Rung) -> str:
+    if rung.correlation is None:
+        return f"no rank correlation ({rung.no_correlation})"
+    return f"Spearman {rung.correlation:+.2f} over {rung.finished} finished"
+
+
+def format_misranking(m: Misranking, metric: str) -> str:
+    """One line: which rung stopped which value, how often against the others, and the finals."""
+    return (f"warning: the rung at epoch {m.epoch} stopped {m.stopped} of {m.judged} trials with {m.param} = "
+            f"{m.value} (other {m.param}: {m.others_stopped} of {m.others_judged}), yet {m.param} = {m.value} "
+            f"ends as well (best final {metric} {m.best_final:.4f} of {m.finished} finished, the others' median "
+            f"{m.others_median_final:.4f} of {m.others_finished}): the rung may rank {m.param} wrongly; "
+            f"consider a later first rung (budget.grace_period)")

@@ -26,7 +26,7 @@ from .plan import (Cluster, SearchOptions, SearchPlan, base_config, check_params
 from .progress import Progress
 from .refit import WARN, refit_best
 from .report import write_report_safely
-from .screen import format_summary
+from .screen import format_rungs, format_summary
 
 Say = Callable[[str], None]
 
@@ -47,9 +47,6 @@ def run(options: SearchOptions, say: Say = print, warn: Say = WARN) -> results.S
     _load_data(base, say)
     plan = _plan(spec, options, base, say)
     found = _search(spec, plan, _resume_possible(plan, say) if options.resume else False, say)
-    for line in rungs.format_rungs(rungs.diagnose_space(spec.model_dump(mode="json"), found.trials, found.history,
-                                                        metric=plan.metric, mode=plan.mode)):
-        say(line)  # under the summary: how well ASHA's rungs ranked the trials
     if options.refit and found.summary.found:
         _refit_into_storage(plan.run_dir, found, spec, base, say, warn)
     write_report_safely(plan.run_dir, say, warn)  # report.html + optuna.journal; a failure warns in one line
@@ -104,7 +101,9 @@ def _search(spec: SearchSpec, plan: SearchPlan, resume: bool, say: Say) -> resul
     if _ray.interrupted(grid, plan):
         raise Interrupted(f"interrupted with {found.summary.trials} of {plan.num_samples} trials started; "
                           f"state saved in {plan.run_dir}; continue with the same command plus --resume")
-    for line in format_summary(found.summary):
+    diagnostics = rungs.diagnose_space(spec.model_dump(mode="json"), found.trials, found.history,
+                                       metric=plan.metric, mode=plan.mode)
+    for line in format_summary(found.summary) + format_rungs(diagnostics):  # and how well ASHA's rungs ranked
         say(line)
     return found
 

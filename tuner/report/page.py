@@ -8,7 +8,8 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..rungs import RungDiagnostics, diagnose_space, format_misranking
+from ..rungs import RungDiagnostics, diagnose_space
+from ..screen import format_misranking
 from .run import REPORT_DIR, Run, finite
 
 if TYPE_CHECKING:  # only its file and caption are read here
