@@ -6,7 +6,8 @@ Three parts, each printed as a JSON line (and gathered into --json):
           first cache build (all cores, storage size 256 for input 224) against torchvision's
           ImageFolder + DataLoader(num_workers=cores) decoding the same folder to the same size
           (Resize(256) + CenterCrop(256)), in the same run. The DataLoader runs before and after
-          the build, so both meet the files in the page cache.
+          the build, so both meet the files in the page cache; the cache's write-back to disk is
+          waited for (os.sync) before the second DataLoader run.
   memory  1, 2 and 4 concurrent trial processes on the whole CIFAR-10 training split, cached at
           32 and at 64 px: each maps the cache, makes its splits (per-channel statistics read
           every training image), trains 20 steps of a ResNet-20 and validates; then their
@@ -97,6 +98,7 @@ def part_build(args) -> dict:
         data = load_data("imagefolder", folder, input_size=224, cache_dir=Path(cache))
         ours = count / (time.perf_counter() - start)
         cache_mb = sum(f.stat().st_size for f in data.cache_path.glob("*.npy")) / 2**20
+        os.sync()  # the cache's write-back done before the DataLoader runs again, not competing with it
     after = dataloader_rate(folder, 256)
     return {"part": "build", "images": count, "storage_px": 256, "cores": os.cpu_count(),
             "cache_build_img_s": round(ours, 1), "dataloader_img_s_before": round(before, 1),
