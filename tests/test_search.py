@@ -285,6 +285,19 @@ def test_dry_run_rungs_are_ray_tunes(max_t, grace, factor):
     assert asha_rungs(max_t, grace, factor) == theirs
 
 
+def test_a_search_with_the_gp_sampler_runs_end_to_end(ray_session, image_folder, tmp_path):
+    """sampler.type gp through the CLI, real Ray and ASHA: every trial reports, the GP draws
+    after its start-up trials, and the summary names a best trial."""
+    space = write_space(tmp_path, image_folder, sampler={"type": "gp", "seed": 0, "n_startup_trials": 2},
+                        budget={"num_samples": 4, "max_epochs": 2, "grace_period": 1, "reduction_factor": 2})
+    code, output = search("--space", str(space), "--storage", str(tmp_path / "runs"), "--name", "gp",
+                          "--no-refit", "--max-concurrent", "1")
+    assert code == 0, output
+    trials, history, summary = run_tables(tmp_path / "runs" / "gp")
+    assert len(trials) == 4 and all(t["epochs"] >= 1 for t in trials) and summary["best_trial_id"]
+    assert len({(t["config/lr"], t["config/batch_size"]) for t in trials}) == 4  # four distinct draws
+
+
 def test_gp_sampler_suggests_through_ray_optuna_search(tmp_path):
     """sampler.type gp as tuner/_ray.py hands it to Ray Tune (OptunaSearch, define-by-run, a
     conditional param), two trials out at once, the searcher saved and restored; Ray is not started."""
