@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 # A user's mistake raised below tuner/ (those packages know nothing of tuner/): (module, class).
 # The CLI looks them up in sys.modules, which imports nothing: an error of a module not yet
@@ -25,10 +26,6 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))  # one line, whatever the cause's text held
-
-    @property
-    def message(self) -> str:
-        return str(self)
 
 
 class SearchError(UserError):
@@ -66,6 +63,9 @@ class Interrupted(UserError):
     """Ctrl-C: the search stopped with its state saved."""
 
     exit_code = 130  # the shell's code for a SIGINT
+
+
+Say = Callable[[str], None]  # where the core modules send a line for the user (the CLI: click.echo)
 
 
 def warn(line: str) -> None:

@@ -4,7 +4,7 @@ RUN_DIR/best (metrics.json written once, with the search's val_acc), then export
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from tqdm import tqdm
 
@@ -13,12 +13,10 @@ from trainables.config import TrainConfig
 from trainables.data import load_data
 from trainables.run import run_training
 
-from .errors import ExportError, warn
+from .errors import ExportError, Say, warn
 from .export import DEFAULT_FORMATS, export_model
 from .storage import BEST_DIR
 
-Say = Callable[[str], None]
-WARN: Say = warn
 
 
 def refit_config(base: TrainConfig, best_config: dict[str, Any], epochs: int) -> TrainConfig:
@@ -26,7 +24,7 @@ def refit_config(base: TrainConfig, best_config: dict[str, Any], epochs: int) ->
 
 
 def refit_best(run_dir: str, found: Any, spec: Any, base: TrainConfig, say: Say = print,
-               warn: Say = WARN) -> dict[str, Any]:
+               warn: Say = warn) -> dict[str, Any]:
     """found: results.SearchResults of the search; spec: its SearchSpec."""
     summary = found.summary
     best = next(t for t in found.trials if t["trial_id"] == summary.best_trial_id)
@@ -36,7 +34,7 @@ def refit_best(run_dir: str, found: Any, spec: Any, base: TrainConfig, say: Say 
 
 
 def refit(run_dir: str, *, config: TrainConfig, val_acc: float | None, warm_start_from: str | None = None,
-          formats: Sequence[str] = DEFAULT_FORMATS, say: Say = print, warn: Say = WARN) -> dict[str, Any]:
+          formats: Sequence[str] = DEFAULT_FORMATS, say: Say = print, warn: Say = warn) -> dict[str, Any]:
     out = Path(run_dir) / BEST_DIR
     initial = load_checkpoint(warm_start_from)["model"] if warm_start_from else None
     data = load_data(config.dataset, config.data_path, input_size=config.input_size,

@@ -70,8 +70,9 @@ class SearchSummary:
                    **{k: v for k, v in values.items() if k in names})
 
 
-SUMMARY_KEYS = ("metric", "mode", "best_trial_id", "best_val_acc", "best_epoch", "best_config", "trials",
-                "by_status", "epochs_spent", "epochs_without_early_stopping")
+# what summary.json must hold: every field without a default (best_value is stored as best_<metric>)
+SUMMARY_KEYS = tuple(f.name for f in dataclasses.fields(SearchSummary)
+                     if f.default is dataclasses.MISSING and f.name != "best_value")
 
 
 @dataclass(frozen=True)

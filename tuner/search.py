@@ -13,25 +13,21 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
 
 from search_spaces import SearchSpec
 from trainables.config import TrainConfig
 from trainables.data import check_source, check_splits, load_data
 
 from . import _ray, ray_state, results, rungs, storage
-from .errors import Interrupted, SearchError, SearchFailed, check_writable
+from .errors import Interrupted, Say, SearchError, SearchFailed, check_writable, warn
 from .plan import (Cluster, SearchOptions, SearchPlan, base_config, check_params, describe, load_spec, make_plan,
                    plan_resources, run_name)
 from .progress import Progress
-from .refit import WARN, refit_best
+from .refit import refit_best
 from .report import write_report_safely
 from .screen import format_rungs, format_summary
 
-Say = Callable[[str], None]
-
-
-def run(options: SearchOptions, say: Say = print, warn: Say = WARN) -> results.SearchSummary | None:
+def run(options: SearchOptions, say: Say = print, warn: Say = warn) -> results.SearchSummary | None:
     """The search, its tables, the refit of the best configuration and the report. None after a
     dry run. Raises SearchFailed when no trial gave a result, Interrupted after a Ctrl-C. `say`
     hears what a user is told, `warn` what went wrong without stopping the search."""

@@ -15,9 +15,8 @@ figures (the list of plots, drawn to PNG), page (the HTML), style (what the plot
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
-from ..errors import warn as stderr
+from ..errors import Say, warn as stderr
 from ..storage import is_uri
 
 from .figures import Plot, draw_figures, plots
@@ -45,8 +44,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, list[str]]:
     return path, notes + figure_notes
 
 
-def write_report_safely(run_dir: str, say: Callable[[str], None] = print,
-                        warn: Callable[[str], None] = stderr) -> None:
+def write_report_safely(run_dir: str, say: Say = print, warn: Say = stderr) -> None:
     """At the end of a search: a report that fails warns in one line and never fails the search."""
     if is_uri(run_dir):
         say(f"report: skipped for remote storage; run: tune-resnet report <local copy of {run_dir}>")
