@@ -27,6 +27,10 @@ class UserError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))  # one line, whatever the cause's text held
 
+    @property
+    def message(self) -> str:  # click.ClickException's name for the text, which callers read
+        return str(self)
+
 
 class SearchError(UserError):
     """A search, its space or its flags cannot run as asked."""
