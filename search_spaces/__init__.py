@@ -19,6 +19,7 @@ from search_spaces._spec import (
     RefitSpec,
     SamplerSpec,
     SearchSpec,
+    SelectionSpec,
     TrialSpec,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "RefitSpec",
     "SamplerSpec",
     "SearchSpec",
+    "SelectionSpec",
     "SpaceError",
     "TrialSpec",
     "build_sampler",

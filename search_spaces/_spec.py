@@ -122,6 +122,16 @@ class RefitSpec(_Section):
     warm_start: bool = False
 
 
+class SelectionSpec(_Section):
+    """Which configuration the refit gets. top_k > 1: the search's top_k distinct configurations
+    are trained `repeats` more times each with fresh seeds (and so fresh validation splits), as
+    trials of their own, without early stopping, and the best mean over those runs wins
+    (tuner/confirm.py); top_k: 1 takes the search's best trial as it is."""
+
+    top_k: PositiveInt = 1
+    repeats: PositiveInt = 2  # fresh runs per confirmed configuration
+
+
 class ExportSpec(_Section):
     # pt2: torch.export (torch.export.load(...).module()); torchscript on request: torch 2.10+ deprecates torch.jit
     formats: tuple[Literal["pt2", "onnx", "torchscript", "safetensors"], ...] = ("pt2", "onnx", "safetensors")
@@ -148,6 +158,7 @@ class SearchSpec(_Section):
     budget: BudgetSpec = BudgetSpec()
     sampler: SamplerSpec = SamplerSpec()
     trial: TrialSpec = TrialSpec()
+    selection: SelectionSpec = SelectionSpec()
     refit: RefitSpec = RefitSpec()
     export: ExportSpec = ExportSpec()
     params: dict[str, ParamSpec]  # ordered parents first, so one pass samples them
@@ -237,7 +248,7 @@ class SearchSpec(_Section):
         lines = [f"space {self.name} ({self._source})", "params:"]
         lines += [f"  {name:<{width}}  {param.describe()}" for name, param in self.params.items()]
         lines += ["fixed:"] + [f"  {name} = {value!r}" for name, value in self.fixed.items()] if self.fixed else []
-        for section in ("objective", "budget", "sampler", "trial", "data", "model", "refit", "export"):
+        for section in ("objective", "budget", "sampler", "trial", "data", "model", "selection", "refit", "export"):
             values = getattr(self, section).model_dump()
             lines.append(f"{section}: " + ", ".join(f"{key}={value}" for key, value in values.items()))
         return lines
