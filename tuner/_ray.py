@@ -235,9 +235,16 @@ class CheckpointPacer:
 # The search
 # ---------------------------------------------------------------------------------------------
 
-def _trainable(plan: SearchPlan):
+def confirm_trial(config: dict[str, Any], **kwargs: Any) -> None:
+    """A confirmation run (tuner/confirm.py): {'run': ConfirmRun as a dict}, trained as a trial of
+    the search with the run's configuration and its fresh seed."""
+    run = config["run"]
+    trial({**run["params"], "seed": run["seed"]}, **kwargs)
+
+
+def _trainable(plan: SearchPlan, function: Callable = trial):
     threads = max(1, int(plan.cpus_per_trial))
-    fn = tune.with_parameters(trial, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads,
+    fn = tune.with_parameters(function, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads,
                               hook=plan.hook, hook_args=plan.hook_args)
     return tune.with_resources(fn, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
@@ -262,15 +269,42 @@ def run_search(plan: SearchPlan, *, listener: Any, resume: bool) -> tune.ResultG
     return tuner.fit()
 
 
-def interrupted(grid: tune.ResultGrid, plan: SearchPlan) -> bool:
-    """Ray Tune returns normally after a Ctrl-C: trials left unfinished tell it was interrupted."""
+def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: Any, resume: bool) -> tune.ResultGrid:
+    """The confirmation runs (tuner/confirm.py) as an experiment of their own in RUN_DIR/confirm:
+    one trial per run, all epochs (no scheduler, no sampler), with the search's resources."""
+    path = confirm_dir(plan)
+    trainable = _trainable(plan, confirm_trial)
+    if resume:
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
+    callbacks = [ProgressCallback(listener), BackUpState(path)]
+    config = tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, reuse_actors=True,
+                             trial_dirname_creator=_confirm_dirname)
+    run_config = _run_config(plan, callbacks)
+    run_config.name, run_config.storage_path = storage.CONFIRM_DIR, plan.run_dir
+    return tune.Tuner(trainable, param_space={"run": tune.grid_search(runs)}, tune_config=config,
+                      run_config=run_config).fit()
+
+
+def _confirm_dirname(trial) -> str:
+    """confirm_<trial id>_of_<search trial>_seed<seed>: short, where Ray's default spells out every param."""
+    run = trial.config["run"]
+    return f"confirm_{trial.trial_id}_of_{run['confirm_of']}_seed{run['seed']}"
+
+
+def confirm_dir(plan: SearchPlan) -> str:
+    return f"{plan.run_dir}/{storage.CONFIRM_DIR}"
+
+
+def interrupted(grid: tune.ResultGrid, expected: int | None) -> bool:
+    """Ray Tune returns normally after a Ctrl-C: trials left unfinished tell it was interrupted,
+    or fewer trials than expected (None: a time limit, fewer are fine)."""
     trials = grid._experiment_analysis.trials  # statuses are not on the public Result objects
     unfinished = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
-    return unfinished or (len(trials) < plan.num_samples and plan.time_limit_s is None)
+    return unfinished or (expected is not None and len(trials) < expected)
 
 
-def can_resume(plan: SearchPlan) -> bool:
-    return tune.Tuner.can_restore(plan.run_dir)
+def can_resume(run_dir: str) -> bool:
+    return tune.Tuner.can_restore(run_dir)
 
 
 def _tune_config(plan: SearchPlan) -> tune.TuneConfig:

@@ -127,7 +127,7 @@ def search(**kwargs) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), help="Refit epochs [default: the space's].")
 @torch_command
 def refit_command(run_dir: str, epochs: int | None) -> None:
-    """Refit the best configuration of a finished search on train+val; test it once."""
+    """Refit the search's chosen configuration (its best, or the confirmed pick) on train+val; test it once."""
     from trainables.finetune import check_model
 
     from . import results
@@ -137,11 +137,11 @@ def refit_command(run_dir: str, epochs: int | None) -> None:
     if not summary.found:
         raise SearchError(f"{run_dir}: no trial of this search gave a result, so there is nothing to refit")
     try:  # the config the refit would train, checked before it starts
-        config = refit_config(record.base_config, summary.best_config, epochs or record.refit_epochs)
+        config = refit_config(record.base_config, summary.refit_config, epochs or record.refit_epochs)
         check_model(config)
     except (TypeError, ValueError) as error:
         raise SearchError(f"{run_dir}: the best configuration cannot be trained: {error}") from None
-    refit(run_dir, config=config, val_acc=summary.best_val_acc, formats=record.export_formats, say=click.echo,
+    refit(run_dir, config=config, val_acc=summary.refit_val_acc, formats=record.export_formats, say=click.echo,
           warn=functools.partial(click.echo, err=True))
 
 

@@ -312,6 +312,12 @@ def describe(spec: SearchSpec, options: SearchOptions) -> list[str]:
         at = f"epoch {rungs[0]}" if len(rungs) == 1 else f"epochs {', '.join(map(str, rungs[:-1]))} and {rungs[-1]}"
         asha = f"ASHA decides after {at}, keeping the best 1/{budget.reduction_factor:g}"
     lines.append(f"trials: {budget.num_samples}, up to {budget.max_epochs} epochs each ({asha})")
+    selection = spec.selection
+    if selection.top_k > 1:
+        runs = min(selection.top_k, budget.num_samples) * selection.repeats
+        lines.append(f"then confirmation: the top {selection.top_k} configurations trained {selection.repeats} more "
+                     f"times each with fresh seeds, up to {runs} trials of {budget.max_epochs} epochs "
+                     f"({runs * budget.max_epochs} epochs, on top of the search's); the best mean is refit")
     gpus = spec.trial.gpus
     if gpus == "auto":
         share, size = auto_gpus(spec)

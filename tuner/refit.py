@@ -27,10 +27,19 @@ def refit_best(run_dir: str, found: Any, spec: Any, base: TrainConfig, say: Say 
                warn: Say = warn) -> dict[str, Any]:
     """found: results.SearchResults of the search; spec: its SearchSpec."""
     summary = found.summary
-    best = next(t for t in found.trials if t["trial_id"] == summary.best_trial_id)
-    warm = best["checkpoint"] if spec.refit.warm_start else None
-    return refit(run_dir, config=refit_config(base, summary.best_config, spec.refit.epochs or spec.budget.max_epochs),
-                 val_acc=summary.best_val_acc, warm_start_from=warm, formats=spec.export.formats, say=say, warn=warn)
+    warm = warm_start_checkpoint(found.trials, summary) if spec.refit.warm_start else None
+    return refit(run_dir, config=refit_config(base, summary.refit_config, spec.refit.epochs or spec.budget.max_epochs),
+                 val_acc=summary.refit_val_acc, warm_start_from=warm, formats=spec.export.formats, say=say, warn=warn)
+
+
+def warm_start_checkpoint(trials: list[dict[str, Any]], summary: Any) -> str | None:
+    """The latest checkpoint of the refit's configuration: its search trial's, or after a
+    confirmation (which prunes nothing) its best-scoring run's that still has one."""
+    chosen = summary.refit_trial_id
+    mine = [t for t in trials if t["checkpoint"] and chosen in (t["trial_id"], t.get("confirm_of"))]
+    key, sign = f"best_{summary.metric}", 1.0 if summary.mode == "max" else -1.0
+    mine.sort(key=lambda t: sign * t[key] if t.get(key) is not None else -float("inf"), reverse=True)
+    return mine[0]["checkpoint"] if mine else None
 
 
 def refit(run_dir: str, *, config: TrainConfig, val_acc: float | None, warm_start_from: str | None = None,

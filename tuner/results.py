@@ -49,6 +49,27 @@ class SearchSummary:
     epochs_spent: int
     epochs_without_early_stopping: int
     search_started_at: float | None = None  # unix seconds; bench/trial_overhead.py reads it
+    # What the refit gets: the best trial's configuration, or after a confirmation (selection.top_k
+    # > 1, tuner/confirm.py) the confirmed pick, its mean over the fresh runs, and the table of runs.
+    selected_trial_id: str | None = None
+    selected_config: dict[str, Any] | None = None
+    selected_value: float | None = None
+    confirmation: dict[str, Any] | None = None
+
+    @property
+    def refit_trial_id(self) -> str | None:
+        return self.selected_trial_id or self.best_trial_id
+
+    @property
+    def refit_config(self) -> dict[str, Any] | None:
+        """The configuration the refit trains (summary.json of older versions: the best trial's)."""
+        return self.selected_config if self.selected_config is not None else self.best_config
+
+    @property
+    def refit_val_acc(self) -> float | None:
+        """The search's val_acc for the refit's configuration (the model card's): the confirmed mean
+        when val_acc is the objective and a confirmation ran, else the best trial's."""
+        return self.selected_value if self.confirmation and self.metric == "val_acc" else self.best_val_acc
 
     @property
     def found(self) -> bool:
@@ -101,7 +122,7 @@ def collect(records: list[TrialRecord], *, metric: str, mode: str, max_epochs: i
         best_row = pick(scored, key=lambda r: r[metric]) if scored else {}
         last = rows[-1] if rows else {}
         trials.append({
-            "trial_id": record.trial_id,
+            "trial_id": record.trial_id, "stage": "search",
             "status": trial_status(epochs=len(record.history), errored=bool(record.error), max_epochs=max_epochs,
                                    diverged=bool(record.history and record.history[-1].get("diverged"))),
             "epochs": len(record.history),
@@ -137,12 +158,18 @@ def _summary(trials: list[dict], metric: str, mode: str, max_epochs: int, num_sa
     key = f"best_{metric}"
     scored = [t for t in trials if finite(t.get(key))]
     best = (max if mode == "max" else min)(scored, key=lambda t: t[key]) if scored else {}
+    config = {k[len("config/"):]: v for k, v in best.items() if k.startswith("config/")} if best else None
     return SearchSummary(
         metric=metric, mode=mode, best_trial_id=best.get("trial_id"), best_value=best.get(key),
-        best_val_acc=best.get("best_val_acc"), best_epoch=best.get("best_epoch"),
-        best_config={k[len("config/"):]: v for k, v in best.items() if k.startswith("config/")} if best else None,
+        best_val_acc=best.get("best_val_acc"), best_epoch=best.get("best_epoch"), best_config=config,
+        selected_trial_id=best.get("trial_id"), selected_config=config, selected_value=best.get(key),
         trials=len(trials), by_status={s: sum(t["status"] == s for t in trials) for s in STATUSES},
         epochs_spent=sum(t["epochs"] for t in trials), epochs_without_early_stopping=num_samples * max_epochs)
+
+
+def search_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The search's own trials, without the confirmation runs (stage 'confirm') that follow it."""
+    return [t for t in trials if t.get("stage", "search") == "search"]
 
 
 def write(found: SearchResults, run_dir: str) -> None:

@@ -31,6 +31,36 @@ def format_summary(summary: SearchSummary) -> list[str]:
     return lines
 
 
+def format_selection(summary: SearchSummary) -> list[str]:
+    """The confirmation's table (selection.top_k > 1): each confirmed configuration's mean, standard
+    deviation and runs against its search score, and how likely the pick is truly the best."""
+    record = summary.confirmation
+    if not record:
+        return []
+    lines = [f"confirmation: the top {record['top_k']} configurations, {record['repeats']} fresh runs each "
+             f"(seeds {', '.join(map(str, record['seeds']))}; {record['epochs_spent']} epochs)",
+             f"  {'trial':<14} {'search':>7} {'mean':>7} {'sd':>7} {'P(best)':>8}  runs"]
+    for number, row in enumerate(record["configurations"]):
+        runs = " ".join("-" if r["value"] is None else f"{r['value']:.4f}" for r in row["runs"])
+        mark = "*" if number == 0 else " "
+        lines.append(f"{mark} {row['trial_id']:<14} {row['search_value']:>7.4f} {_number(row['mean']):>7} "
+                     f"{_number(row['std']):>7} {_percent(row['p_best']):>8}  {runs}")
+    pick = record["configurations"][0]
+    lines.append(f"selected: trial {pick['trial_id']}'s configuration (* above), mean {summary.metric} "
+                 f"{_number(pick['mean'])} over its fresh runs" +
+                 ("" if pick["trial_id"] == summary.best_trial_id else
+                  f"; the search's best trial, {summary.best_trial_id}, scored {summary.best_value:.4f} once"))
+    return lines + [f"  {k} = {v}" for k, v in pick["params"].items()]
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -98,7 +128,21 @@ def format_status(status: SearchStatus, now: float | None = None) -> list[str]:
     left = estimate_left(status)
     if left:
         lines.append(left)
-    return lines + trial_table(status)
+    return lines + trial_table(status) + confirmation_lines(status)
+
+
+def confirmation_lines(status: SearchStatus) -> list[str]:
+    """The confirmation stage (selection.top_k > 1): its runs while they go, the table once written."""
+    summary = status.summary or {}
+    if summary.get("confirmation"):
+        return format_selection(SearchSummary.from_dict(summary))
+    confirming = status.confirmation
+    if confirming is None:
+        return []
+    counts = {s: sum(t.status == s for t in confirming.trials) for s in STATUSES}
+    planned = confirming.budget.num_samples
+    return [f"confirmation: {counts['completed']} of {planned or len(confirming.trials)} runs done, "
+            f"{counts['running']} running" + (f", {counts['errored']} errored" if counts["errored"] else "")]
 
 
 def trial_table(status: SearchStatus) -> list[str]:

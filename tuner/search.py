@@ -18,14 +18,14 @@ from search_spaces import SearchSpec
 from trainables.config import TrainConfig
 from trainables.data import check_source, check_splits, load_data
 
-from . import _ray, ray_state, results, rungs, storage
+from . import _ray, confirm, ray_state, results, rungs, storage
 from .errors import Interrupted, Say, SearchError, SearchFailed, check_writable, warn
 from .plan import (Cluster, SearchOptions, SearchPlan, base_config, check_params, describe, load_spec, make_plan,
                    plan_resources, run_name)
 from .progress import Progress
 from .refit import refit_best
 from .report import write_report_safely
-from .screen import format_rungs, format_summary
+from .screen import format_rungs, format_selection, format_summary
 
 def run(options: SearchOptions, say: Say = print, warn: Say = warn) -> results.SearchSummary | None:
     """The search, its tables, the refit of the best configuration and the report. None after a
@@ -42,7 +42,9 @@ def run(options: SearchOptions, say: Say = print, warn: Say = warn) -> results.S
         return None
     _load_data(base, say)
     plan = _plan(spec, options, base, say)
-    found = _search(spec, plan, _resume_possible(plan, say) if options.resume else False, say)
+    found = _search(spec, plan, _resume_possible(plan.run_dir, say) if options.resume else False, say)
+    if spec.selection.top_k > 1 and found.summary.found:
+        found = _confirm(spec, plan, found, options.resume, say)
     if options.refit and found.summary.found:
         _refit_into_storage(plan.run_dir, found, spec, base, say, warn)
     write_report_safely(plan.run_dir, say, warn)  # report.html + optuna.journal; a failure warns in one line
@@ -94,7 +96,7 @@ def _search(spec: SearchSpec, plan: SearchPlan, resume: bool, say: Say) -> resul
     found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs,
                             num_samples=plan.num_samples, started_at=started_at)
     results.write(found, plan.run_dir)
-    if _ray.interrupted(grid, plan):
+    if _ray.interrupted(grid, None if plan.time_limit_s else plan.num_samples):
         raise Interrupted(f"interrupted with {found.summary.trials} of {plan.num_samples} trials started; "
                           f"state saved in {plan.run_dir}; continue with the same command plus --resume")
     diagnostics = rungs.diagnose_space(spec.model_dump(mode="json"), found.trials, found.history,
@@ -111,13 +113,38 @@ def no_result(trials: list[dict], run_dir: str) -> str:
                     f"error.txt is in its folder under {run_dir}".split())
 
 
-def _resume_possible(plan: SearchPlan, say: Say) -> bool:
-    repaired = ray_state.repair_state(plan.run_dir)  # a driver killed while Ray saved its state
+def _confirm(spec: SearchSpec, plan: SearchPlan, found: results.SearchResults, resume: bool,
+             say: Say) -> results.SearchResults:
+    """The top configurations trained again with fresh seeds; the best mean goes to the refit
+    (tuner/confirm.py). Its runs join the tables; summary.json names the pick."""
+    chosen = confirm.candidates(found.trials, metric=plan.metric, mode=plan.mode, top_k=spec.selection.top_k)
+    runs = confirm.plan_runs(chosen, repeats=spec.selection.repeats, seed=plan.base_config.seed)
+    folder = _ray.confirm_dir(plan)
+    resume = resume and storage.exists(folder) and _resume_possible(folder, say)
+    say(f"{'resuming the confirmation' if resume else 'confirming'}: the top {len(chosen)} configurations, "
+        f"{spec.selection.repeats} more runs each with fresh seeds ({len(runs)} trials of {plan.max_epochs} "
+        f"epochs, no early stopping) -> {folder}")
+    progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs, echo=say)
+    grid = _ray.run_confirmation(plan, [r.to_dict() for r in runs], listener=progress, resume=resume)
+    confirmed = confirm.combine(found, _ray.records(grid), runs, chosen, max_epochs=plan.max_epochs,
+                                seed=plan.base_config.seed)
+    results.write(confirmed, plan.run_dir)
+    if _ray.interrupted(grid, len(runs)):
+        raise Interrupted(f"interrupted during the confirmation, {confirmed.summary.confirmation['runs_scored']} "
+                          f"of {len(runs)} runs done; state saved in {plan.run_dir}; continue with the same "
+                          "command plus --resume")
+    for line in format_selection(confirmed.summary):
+        say(line)
+    return confirmed
+
+
+def _resume_possible(run_dir: str, say: Say) -> bool:
+    repaired = ray_state.repair_state(run_dir)  # a driver killed while Ray saved its state
     if repaired:
         say(repaired)
-    if _ray.can_resume(plan):
+    if _ray.can_resume(run_dir):
         return True
-    say(f"--resume: nothing to resume at {plan.run_dir}; starting a new search")
+    say(f"--resume: nothing to resume at {run_dir}; starting anew")
     return False
 
 
@@ -186,6 +213,6 @@ def _with_local_checkpoint(found: results.SearchResults, local: str) -> results.
     """The best trial's checkpoint copied next to the refit, for a warm start from a URI."""
     trials = [dict(t) for t in found.trials]
     for trial in trials:
-        if trial["trial_id"] == found.summary.best_trial_id and storage.is_uri(trial["checkpoint"] or ""):
+        if trial["trial_id"] == found.summary.refit_trial_id and storage.is_uri(trial["checkpoint"] or ""):
             trial["checkpoint"] = storage.download(trial["checkpoint"], local)
     return dataclasses.replace(found, trials=trials)

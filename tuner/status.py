@@ -11,6 +11,7 @@ shared storage) while the search runs:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,8 @@ class SearchStatus:
     finished: bool
     started_at: float | None          # unix seconds
     last_update: float | None         # unix seconds: the newest file of the run
+    confirmation: SearchStatus | None = None   # RUN_DIR/confirm's runs (selection.top_k > 1), once started
+    summary: dict[str, Any] | None = None      # summary.json, once the search has written it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +111,8 @@ def final_statuses(folder: Path, newest_live: float) -> dict[str, str] | None:
     path = folder / storage.TRIALS_FILE
     if not path.is_file() or path.stat().st_mtime < newest_live:
         return None
-    return {row["trial_id"]: row["status"] for row in storage.read_table(path, columns=["trial_id", "status"])}
+    return {row["trial_id"]: row["status"] for row in storage.read_table(path)
+            if row.get("stage", "search") == "search"}  # not the confirmation's runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,6 +141,22 @@ def classify(rows: list[dict[str, Any]], ray_status: str | None, max_epochs: int
 def read_status(run_dir: str | Path) -> SearchStatus:
     folder = Path(run_dir)
     budget = read_budget(folder)
+    status = _read_trials(folder, budget)
+    confirm = folder / storage.CONFIRM_DIR
+    if confirm.is_dir():
+        record = _json(folder / storage.SEARCH_FILE) or {}
+        selection = record.get("space", {}).get("selection", {})
+        runs = selection.get("top_k", 0) * selection.get("repeats", 0) or None  # at most: fewer configs, fewer runs
+        try:
+            confirming = _read_trials(confirm, Budget(budget.metric, budget.mode, runs, budget.max_epochs), tables=False)
+            status = dataclasses.replace(status, confirmation=confirming)
+        except StatusError:  # the folder made, no run started yet
+            pass
+    return dataclasses.replace(status, summary=_json(folder / storage.SUMMARY_FILE))
+
+
+def _read_trials(folder: Path, budget: Budget, tables: bool = True) -> SearchStatus:
+    """The trials of one Ray experiment folder; tables: the folder may hold trials.parquet (the search's)."""
     ray_trials, started_at = experiment_state(folder)
     folders = trial_folders(folder)
     if not folders and not ray_trials and not (folder / storage.TRIALS_FILE).is_file():
@@ -156,7 +176,7 @@ def read_status(run_dir: str | Path) -> SearchStatus:
     newest = max([_mtime(p / "result.json") for p in folders] + [_mtime(p) for p in folder.glob("experiment_state-*.json")]
                  + [0.0])
     live_done = bool(trials) and all(t.status not in ("running", "pending") for t in trials.values())
-    final = final_statuses(folder, 0.0 if live_done else newest)
+    final = final_statuses(folder, 0.0 if live_done else newest) if tables else None
     if final is not None:  # ended: its tables are the truth, even for trial folders since deleted
         history = _history_by_trial(folder)
         for trial_id, status in final.items():
@@ -166,7 +186,8 @@ def read_status(run_dir: str | Path) -> SearchStatus:
                   if isinstance(r.get("timestamp"), (int, float))]
         started_at = min(starts) if starts else None
     last_update = max(newest, _mtime(folder / storage.TRIALS_FILE)) or None
-    return SearchStatus(folder, budget, list(trials.values()), final is not None, started_at, last_update)
+    finished = final is not None or (not tables and live_done)
+    return SearchStatus(folder, budget, list(trials.values()), finished, started_at, last_update)
 
 
 def _history_by_trial(folder: Path) -> dict[str, list[dict[str, Any]]]:

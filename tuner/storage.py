@@ -6,6 +6,7 @@ names, where the refit model lives (best/), and how its files are written and re
     RUN_DIR/trials.parquet     a row per trial                         (written by search, at the end)
     RUN_DIR/history.parquet    a row per trial-epoch                   (written by search, at the end)
     RUN_DIR/summary.json       the best trial and the epochs spent     (written by search, at the end)
+    RUN_DIR/confirm/           the confirmation runs' Ray experiment   (selection.top_k > 1; tuner/confirm.py)
     RUN_DIR/best/              the refit model and its exports         (written by refit, then export)
     RUN_DIR/report.html        the report                              (written by report)
 
@@ -27,6 +28,7 @@ BEST_DIR = "best"
 SEARCH_FILE = "search.json"
 SUMMARY_FILE = "summary.json"
 TRIALS_FILE = "trials.parquet"
+CONFIRM_DIR = "confirm"  # the confirmation runs' Ray experiment (tuner/confirm.py), inside the run folder
 HISTORY_FILE = "history.parquet"
 RESULT_FILE = "result.json"    # Ray Tune's, in each trial's folder
 
@@ -56,6 +58,14 @@ def filesystem(path: str):
     return pafs.LocalFileSystem(), path
 
 
+def exists(path: str) -> bool:
+    """A file or folder at path (local or URI)."""
+    import pyarrow.fs as pafs
+
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
@@ -80,13 +90,21 @@ def write_json(run_dir: str, name: str, value: Any) -> None:
 
 def write_tables(run_dir: str, trials: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:
     """trials.parquet and history.parquet into run_dir."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fs, root = filesystem(run_dir)
     fs.create_dir(root, recursive=True)
-    pq.write_table(pa.Table.from_pylist(trials), f"{root}/{TRIALS_FILE}", filesystem=fs)
-    pq.write_table(pa.Table.from_pylist(history), f"{root}/{HISTORY_FILE}", filesystem=fs)
+    pq.write_table(_table(trials), f"{root}/{TRIALS_FILE}", filesystem=fs)
+    pq.write_table(_table(history), f"{root}/{HISTORY_FILE}", filesystem=fs)
+
+
+def _table(rows: list[dict[str, Any]]):
+    """Every key of every row a column: pyarrow's from_pylist takes the first row's keys only, which
+    would drop a conditional param absent from the first trial, or the confirmation runs' columns."""
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    return pa.Table.from_pylist([{name: row.get(name) for name in names} for row in rows])
 
 
 def upload(local_dir: str, uri: str) -> None:

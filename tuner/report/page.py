@@ -49,15 +49,34 @@ def per_class_table(run: Run) -> str:
 
 
 def summary_lines(run: Run) -> list[str]:
-    from ..screen import format_summary
+    from ..screen import format_selection, format_summary
 
-    lines = format_summary(run.summary)
+    lines = format_summary(run.summary) + format_selection(run.summary)
     if run.metrics and finite(run.metrics.get("test_acc")):
         lines.append(f"refit: {run.metrics.get('epochs')} epochs on {run.metrics.get('train_images')} images, "
                      f"test accuracy {run.metrics['test_acc']:.4f} on {run.metrics['test']['images']} test images")
     else:
         lines.append("refit: none in this run folder (tune-resnet refit RUN_DIR makes one)")
     return lines
+
+
+def selection_section(run: Run) -> str:
+    """The confirmation (selection.top_k > 1): each confirmed configuration's runs, mean, standard
+    deviation and P(best), the pick first; empty without one."""
+    record = run.summary.confirmation
+    if not record:
+        return ""
+    header = ["", "search trial", f"search {run.metric}", "mean of fresh runs", "sd", "P(best)", "runs (seed: value)"]
+    rows = [["pick" if i == 0 else "", c["trial_id"], c["search_value"], c["mean"], c["std"],
+             None if c["p_best"] is None else f"{c['p_best']:.0%}",
+             ", ".join(f"{r['seed']}: {'-' if r['value'] is None else format(r['value'], '.4f')}" for r in c["runs"])]
+            for i, c in enumerate(record["configurations"])]
+    note = (f"<p>The top {record['top_k']} configurations of the search, trained {record['repeats']} more times "
+            "each with fresh seeds (a fresh validation split and training subset per seed, the same for all) and "
+            "no early stopping; the best mean goes to the refit. The search's own score is shown, not averaged: "
+            "it was chosen for being high. P(best): the posterior probability that a configuration's true mean "
+            "is the best, under a normal model with one pooled noise level (tuner/confirm.py).</p>")
+    return "<h2>Selection: the top configurations confirmed</h2>" + note + _table(header, rows)
 
 
 def rung_warnings(diagnostics: RungDiagnostics) -> str:
@@ -102,7 +121,7 @@ def render_html(run: Run, drawn: list[Plot], notes: list[str], journal: Path | N
              f"</title><style>{STYLE}</style></head><body>",
              f"<h1>Search report: {e(run.name)}</h1><p>{e(str(run.folder.resolve()))}, written {e(when)}</p>",
              rung_warnings(rungs), "<h2>Summary</h2><pre>" + e("\n".join(summary_lines(run))) + "</pre>",
-             rungs_section(rungs)]
+             selection_section(run), rungs_section(rungs)]
     for figure in drawn:
         parts.append(f"<figure><img src='{REPORT_DIR}/{figure.file}' alt='{e(figure.caption)}'>"
                      f"<figcaption>{e(figure.caption)}</figcaption></figure>")

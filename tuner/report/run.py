@@ -4,13 +4,13 @@ and the few helpers every part of the report reads it with."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import storage
 from ..errors import ReportError
-from ..results import SearchRecord, SearchSummary, finite, read_record, read_summary  # noqa: F401  (finite: for the plots)
+from ..results import SearchRecord, SearchSummary, finite, read_record, read_summary, search_rows  # noqa: F401  (finite: for the plots)
 from ..storage import BEST_DIR
 
 REPORT_FILE = "report.html"
@@ -20,12 +20,13 @@ JOURNAL_FILE = "optuna.journal"
 @dataclass(frozen=True)
 class Run:
     folder: Path
-    trials: list[dict[str, Any]]      # trials.parquet rows
-    history: list[dict[str, Any]]     # history.parquet rows
+    trials: list[dict[str, Any]]      # trials.parquet rows of the search's trials
+    history: list[dict[str, Any]]     # history.parquet rows of those trials
     summary: SearchSummary            # summary.json
     record: SearchRecord              # search.json: space, base_config, metric, mode, max_epochs
     metrics: dict[str, Any] | None    # best/metrics.json of the refit, if there was one
     meta: dict[str, Any] | None       # best/config.json: classes, config, mean/std
+    confirm_runs: list[dict[str, Any]] = field(default_factory=list)  # trials.parquet's confirmation rows
 
     @property
     def name(self) -> str:  # the run's name (--name, or the space's): its folder is storage/name
@@ -48,10 +49,13 @@ def load_run(run_dir: str | Path) -> Run:
         raise ReportError(f"{folder}: no {', '.join(missing)}; expected the folder of a finished search "
                           f"(for one still running: tune-resnet status {folder})")
     best = folder / BEST_DIR
-    return Run(folder, storage.read_table(folder / storage.TRIALS_FILE),
-               storage.read_table(folder / storage.HISTORY_FILE), read_summary(folder), read_record(folder),
-               storage.read_json(best / "metrics.json", optional=True),
-               storage.read_json(best / "config.json", optional=True))
+    rows = storage.read_table(folder / storage.TRIALS_FILE)
+    search = search_rows(rows)  # the plots and the study are the search's; the confirmation has its table
+    ids = {t["trial_id"] for t in search}
+    history = [h for h in storage.read_table(folder / storage.HISTORY_FILE) if h["trial_id"] in ids]
+    return Run(folder, search, history, read_summary(folder), read_record(folder), storage.read_json(best / "metrics.json", optional=True),
+               storage.read_json(best / "config.json", optional=True),
+               [r for r in rows if r.get("stage") == "confirm"])
 
 
 def curve(run: Run, trial_id: str, column: str = "val_acc") -> tuple[list[int], list[float]]:
