@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,6 +108,9 @@ def test_resume_in_the_middle_of_the_confirmation(image_folder, tmp_path):
     process.wait()
     before = {p.parent.name: p.read_text().count("\n") for p in storage.glob(f"{name}/**/result.json")}
     assert 1 <= finished_runs() < 6
+    status = CliRunner().invoke(main, ["status", str(storage / name)])  # what is done, read from the files
+    assert status.exit_code == 0, status.output
+    assert re.search(r"confirmation: [1-5] of 6 runs done", status.output), status.output
 
     process = driver(space, storage, name, "--max-concurrent", "1", "--no-refit", "--resume")
     output = process.communicate(timeout=300)[0]
@@ -173,3 +177,30 @@ def test_a_failed_run_is_left_out_and_one_run_each_gives_no_p_best():
     assert decided[0].trial_id == "a" and decided[0].values == [0.7] and decided[0].std is None
     assert decided[1].mean == pytest.approx(0.625)
     assert confirm.p_best([[0.7], [0.6]], mode="max") == [None, None]
+
+
+def test_dry_run_says_what_the_confirmation_adds(image_folder, tmp_path):
+    space = write_space(tmp_path, image_folder, selection={"top_k": 3, "repeats": 2})
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert ("then confirmation: the top 3 configurations trained 2 more times each with fresh seeds, up to 6 "
+            "trials of 3 epochs (18 epochs, on top of the search's)") in result.output
+
+
+@pytest.mark.parametrize("selection, message", [
+    ({"top_k": 0}, "selection.top_k: "), ({"repeats": 0}, "selection.repeats: "), ({"top": 2}, "selection.top: ")])
+def test_a_bad_selection_is_one_line(image_folder, tmp_path, selection, message):
+    space = write_space(tmp_path, image_folder, selection=selection)
+    result = CliRunner().invoke(main, ["search", "--space", str(space), "--dry-run"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_tables_keep_the_columns_of_every_row(tmp_path):
+    """pyarrow's from_pylist takes the first row's keys: a conditional param absent from the first
+    trial, or the confirmation's columns, must not be dropped."""
+    from tuner import storage
+
+    storage.write_tables(str(tmp_path), [{"trial_id": "a"}, {"trial_id": "b", "config/momentum": 0.9}],
+                         [{"trial_id": "a", "val_acc": 0.5}])
+    rows = storage.read_table(tmp_path / storage.TRIALS_FILE)
+    assert rows == [{"trial_id": "a", "config/momentum": None}, {"trial_id": "b", "config/momentum": 0.9}]
