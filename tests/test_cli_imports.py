@@ -66,6 +66,19 @@ def test_only_the_cli_knows_click():
     assert knowing == ["tuner/cli.py"]
 
 
+def test_no_function_of_the_packages_is_over_40_lines():
+    """The layout's rule (README "Layout"): a function that grows past 40 lines is split."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    long = []
+    for path in sorted([*root.glob("tuner/**/*.py"), *root.glob("trainables/*.py"), *root.glob("search_spaces/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 40:
+                long.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []
+
+
 def test_a_bug_in_our_code_is_a_traceback_not_a_one_line_error(tmp_path, monkeypatch):
     """A TypeError or KeyError raised by the project's own code is not a user's mistake: it is
     not dressed up as 'the file may be cut off', it propagates whole."""
