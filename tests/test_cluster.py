@@ -256,13 +256,25 @@ def test_best_folder_goes_up_to_a_uri_and_a_warm_start_checkpoint_comes_down(tmp
     uploaded = sorted(str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*") if p.is_file())
     assert uploaded == ["run/best/config.json", "run/best/exports/model.ts"]
 
+    summary = SimpleNamespace(refit_trial_id="a", metric="val_acc", mode="max")
     found = results.SearchResults(
-        trials=[{"trial_id": "a", "checkpoint": f"file://{tmp_path}/store/run/best"},
-                {"trial_id": "b", "checkpoint": "s3://not/touched"}],
-        history=[], summary=SimpleNamespace(best_trial_id="a"))
+        trials=[{"trial_id": "a", "checkpoint": f"file://{tmp_path}/store/run/best", "best_val_acc": 0.5},
+                {"trial_id": "b", "checkpoint": "s3://not/touched", "best_val_acc": 0.9}],
+        history=[], summary=summary)
     local = _with_local_checkpoint(found, str(tmp_path / "warm"))
     assert local.trials[0]["checkpoint"] == str(tmp_path / "warm") and (tmp_path / "warm" / "config.json").is_file()
     assert local.trials[1] == found.trials[1] and found.trials[0]["checkpoint"].startswith("file://")
+    # after a confirmation: the refit configuration's best run that kept its checkpoint
+    confirmed = results.SearchResults(
+        trials=[{"trial_id": "a", "checkpoint": None, "best_val_acc": 0.9},  # pruned by the search
+                {"trial_id": "c1", "confirm_of": "a", "checkpoint": "s3://not/touched", "best_val_acc": 0.6},
+                {"trial_id": "c2", "confirm_of": "a", "checkpoint": f"file://{tmp_path}/store/run/best",
+                 "best_val_acc": 0.7},
+                {"trial_id": "c3", "confirm_of": "b", "checkpoint": "s3://not/touched/either", "best_val_acc": 0.8}],
+        history=[], summary=summary)
+    local = _with_local_checkpoint(confirmed, str(tmp_path / "warm2"))
+    assert [t["checkpoint"] for t in local.trials] == [None, "s3://not/touched", str(tmp_path / "warm2"),
+                                                       "s3://not/touched/either"]
 
 
 # ---------------------------------------------------------------------------------------------

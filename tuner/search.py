@@ -23,7 +23,7 @@ from .errors import Interrupted, Say, SearchError, SearchFailed, check_writable,
 from .plan import (Cluster, SearchOptions, SearchPlan, base_config, check_params, describe, load_spec, make_plan,
                    plan_resources, run_name)
 from .progress import Progress
-from .refit import refit_best
+from .refit import refit_best, warm_start_checkpoint
 from .report import write_report_safely
 from .screen import format_rungs, format_selection, format_summary
 
@@ -210,9 +210,11 @@ def _refit_into_storage(run_dir: str, found: results.SearchResults, spec: Search
 
 
 def _with_local_checkpoint(found: results.SearchResults, local: str) -> results.SearchResults:
-    """The best trial's checkpoint copied next to the refit, for a warm start from a URI."""
+    """The warm start's checkpoint (the refit configuration's, refit.warm_start_checkpoint) copied
+    next to the refit, from a URI."""
+    chosen = warm_start_checkpoint(found.trials, found.summary)
     trials = [dict(t) for t in found.trials]
     for trial in trials:
-        if trial["trial_id"] == found.summary.refit_trial_id and storage.is_uri(trial["checkpoint"] or ""):
-            trial["checkpoint"] = storage.download(trial["checkpoint"], local)
+        if chosen and trial["checkpoint"] == chosen and storage.is_uri(chosen):
+            trial["checkpoint"] = storage.download(chosen, local)
     return dataclasses.replace(found, trials=trials)
