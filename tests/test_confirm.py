@@ -162,10 +162,24 @@ def test_decide_ranks_by_mean_and_p_best_follows_the_evidence():
     assert [c.trial_id for c in decided] == ["good", "lucky"]
     assert decided[0].mean == pytest.approx(0.88) and decided[0].std == pytest.approx(0.01)
     assert decided[0].p_best > 0.99 and decided[0].p_best + decided[1].p_best == pytest.approx(1.0)
-    close = {r.index: {"trial_id": None, "value": [0.85, 0.80, 0.90][r.repeat - 1] + (r.confirm_of == "good") * 0.001}
+    noise = {("good", 1): 0.03, ("good", 2): -0.02, ("good", 3): -0.01, ("lucky", 1): -0.02, ("lucky", 2): 0.03,
+             ("lucky", 3): -0.01}
+    close = {r.index: {"trial_id": None, "value": 0.85 + noise[r.confirm_of, r.repeat] + (r.confirm_of == "good") * 0.001}
              for r in runs}
     even = confirm.decide(chosen, runs, close, metric="val_acc", mode="max")
-    assert 0.4 < even[0].p_best < 0.6  # 0.001 apart with a noise of 0.05: a coin toss
+    assert 0.4 < even[0].p_best < 0.65  # 0.001 apart with a noise of 0.03: a coin toss
+
+
+def test_p_best_lets_the_seeds_shared_effect_cancel():
+    """A fresh seed draws a split on which every configuration scores higher or lower alike: with
+    the runs paired by seed, a small but steady lead is clear; unpaired (a run missing) it is not."""
+    split = {1: 0.05, 2: -0.04, 3: 0.00}
+    a = {s: 0.80 + e + 0.010 for s, e in split.items()}
+    b = {s: 0.80 + e + (0.001 if s == 2 else -0.001) for s, e in split.items()}
+    paired = confirm.p_best([a, b], mode="max")
+    assert paired[0] > 0.95
+    unpaired = confirm.p_best([a, {s: v for s, v in b.items() if s != 3}], mode="max")
+    assert 0.5 < unpaired[0] < 0.8
 
 
 def test_a_failed_run_is_left_out_and_one_run_each_gives_no_p_best():
@@ -176,7 +190,7 @@ def test_a_failed_run_is_left_out_and_one_run_each_gives_no_p_best():
     decided = confirm.decide(chosen, runs, outcomes, metric="val_acc", mode="max")
     assert decided[0].trial_id == "a" and decided[0].values == [0.7] and decided[0].std is None
     assert decided[1].mean == pytest.approx(0.625)
-    assert confirm.p_best([[0.7], [0.6]], mode="max") == [None, None]
+    assert confirm.p_best([{1: 0.7}, {1: 0.6}], mode="max") == [None, None]
 
 
 def test_dry_run_says_what_the_confirmation_adds(image_folder, tmp_path):

@@ -12,10 +12,11 @@ configuration with the best mean over those fresh runs wins.
 - The search's own run is shown but left out of the mean: it was chosen for being high, so it is
   biased up (the winner's curse) by more for a lucky configuration than for a good one.
 - How likely the pick is to be truly the best (`p_best`): Monte Carlo over the posterior of the
-  true means under a normal model with one noise level shared by the configurations (the pooled
-  within-configuration variance, its uncertainty drawn from the scaled inverse chi-square) and a
-  flat prior. It ignores the pairing, so it errs on the cautious side; with one run each the
-  noise cannot be estimated and p_best is None.
+  true means under a normal model with a flat prior and one noise level for all, its uncertainty
+  drawn from the scaled inverse chi-square. The noise is what the comparison sees: with every
+  run there, the residual of value = configuration + seed + noise (the seed's split moves every
+  configuration alike and cancels); with a run missing, the pooled within-configuration
+  variance. With one run each it cannot be estimated and p_best is None.
 
 Pure functions of the search's table rows (no Ray, no files): tuner/search.py runs the stage,
 tuner/_ray.py its trials.
@@ -64,6 +65,10 @@ class Confirmed:
     @property
     def values(self) -> list[float]:
         return [r["value"] for r in self.runs if finite(r["value"])]
+
+    @property
+    def by_seed(self) -> dict[int, float]:
+        return {r["seed"]: r["value"] for r in self.runs if finite(r["value"])}
 
 
 def params_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -115,30 +120,61 @@ def decide(chosen: list[dict[str, Any]], runs: list[ConfirmRun], outcomes: dict[
     sign = 1.0 if mode == "max" else -1.0
     out.sort(key=lambda c: (c.mean is not None, sign * (c.mean if c.mean is not None else c.search_value)),
              reverse=True)
-    probabilities = p_best([c.values for c in out], mode=mode, draws=draws)
+    probabilities = p_best([c.by_seed for c in out], mode=mode, draws=draws)
     return [Confirmed(**{**c.__dict__, "p_best": p}) for c, p in zip(out, probabilities)]
 
 
-def p_best(groups: list[list[float]], *, mode: str, draws: int = 20_000, seed: int = 0) -> list[float | None]:
-    """For each group of runs, the posterior probability that its true mean is the best (see the
-    module's docstring). None for all when the noise cannot be estimated."""
+def p_best(groups: list[dict[int, float]], *, mode: str, draws: int = 20_000, seed: int = 0) -> list[float | None]:
+    """For each group of runs (seed -> value), the posterior probability that its true mean is the
+    best (see the module's docstring). None for all when the noise cannot be estimated."""
     import numpy as np
 
-    usable = [g for g in groups if g]
-    df = sum(len(g) - 1 for g in usable)
-    if len(usable) < 2 or df < 1:
+    means, counts, residual, df = _noise(groups)
+    if df < 1:
         return [None] * len(groups)
-    means = np.array([statistics.fmean(g) if g else math.nan for g in groups])
-    counts = np.array([len(g) for g in groups], dtype=float)
-    pooled = sum(sum((x - statistics.fmean(g)) ** 2 for x in g) for g in usable) / df
     rng = np.random.default_rng(seed)
-    sigma2 = df * max(pooled, 1e-12) / rng.chisquare(df, size=(draws, 1))
+    sigma2 = df * max(residual, 1e-12) / rng.chisquare(df, size=(draws, 1))
     safe = np.where(counts > 0, counts, 1.0)
     true = means + rng.standard_normal((draws, len(groups))) * np.sqrt(sigma2 / safe)
     true = np.where(counts > 0, true, -np.inf if mode == "max" else np.inf)
     best = true.argmax(axis=1) if mode == "max" else true.argmin(axis=1)
     share = np.bincount(best, minlength=len(groups)) / draws
     return [float(share[i]) if counts[i] else None for i in range(len(groups))]
+
+
+def _noise(groups: list[dict[int, float]]):
+    """(means, run counts, the variance of one run that comparisons see, its degrees of freedom).
+
+    When every group ran the same seeds, a seed's shared effect (its validation split and
+    training subset, the same for all) cancels in the comparison: the variance is the residual of
+    the two-way model value = configuration + seed + noise, (k-1)(R-1) degrees of freedom. With a
+    run missing, the pooled within-group variance, sum(n_i - 1) degrees of freedom."""
+    import numpy as np
+
+    means = np.array([statistics.fmean(g.values()) if g else math.nan for g in groups])
+    counts = np.array([len(g) for g in groups], dtype=float)
+    used = [g for g in groups if g]
+    seeds = set(used[0]) if used else set()
+    if len(used) == len(groups) >= 2 and len(seeds) >= 2 and all(set(g) == seeds for g in used):
+        table = np.array([[g[s] for s in sorted(seeds)] for g in used])
+        resid = table - table.mean(axis=1, keepdims=True) - table.mean(axis=0, keepdims=True) + table.mean()
+        df = (table.shape[0] - 1) * (table.shape[1] - 1)
+        return means, counts, float((resid ** 2).sum() / df), df
+    df = sum(len(g) - 1 for g in used)
+    if len(used) < 2 or df < 1:
+        return means, counts, 0.0, 0
+    pooled = sum(sum((x - statistics.fmean(g.values())) ** 2 for x in g.values()) for g in used) / df
+    return means, counts, pooled, df
+
+
+def noise_of(confirmed: list[Confirmed]) -> dict[str, Any]:
+    """{noise_sd: one run's noise as the comparison sees it (None: unknown), paired: the seed's
+    shared effect taken out}, for the summary."""
+    groups = [c.by_seed for c in confirmed]
+    _, _, variance, df = _noise(groups)
+    seeds = {frozenset(g) for g in groups}
+    return {"noise_sd": math.sqrt(variance) if df else None, "paired": bool(df) and len(seeds) == 1 and
+            all(groups) and len(groups) >= 2 and len(next(iter(seeds))) >= 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +206,7 @@ def combine(found: SearchResults, records: list[TrialRecord], runs: list[Confirm
     record = {"top_k": len(chosen), "repeats": max((r.repeat for r in runs), default=0),
               "seeds": sorted({r.seed for r in runs}), "runs": len(runs), "runs_scored": sum(
                   finite(o["value"]) for o in outcomes.values()),
-              "epochs_spent": sum(row["epochs"] for row in added),
+              "epochs_spent": sum(row["epochs"] for row in added), **noise_of(confirmed),
               "configurations": [asdict(c) for c in confirmed]}
     new_summary = dataclasses.replace(summary, selected_trial_id=pick.trial_id, selected_config=pick.params,
                                       selected_value=pick.mean, confirmation=record)

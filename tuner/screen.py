@@ -38,7 +38,7 @@ def format_selection(summary: SearchSummary) -> list[str]:
     if not record:
         return []
     lines = [f"confirmation: the top {record['top_k']} configurations, {record['repeats']} fresh runs each "
-             f"(seeds {', '.join(map(str, record['seeds']))}; {record['epochs_spent']} epochs)",
+             f"(seeds {', '.join(map(str, record['seeds']))}; {record['epochs_spent']} epochs)" + _noise_text(record),
              f"  {'trial':<14} {'search':>7} {'mean':>7} {'sd':>7} {'P(best)':>8}  runs"]
     for number, row in enumerate(record["configurations"]):
         runs = " ".join("-" if r["value"] is None else f"{r['value']:.4f}" for r in row["runs"])
@@ -51,6 +51,13 @@ def format_selection(summary: SearchSummary) -> list[str]:
                  ("" if pick["trial_id"] == summary.best_trial_id else
                   f"; the search's best trial, {summary.best_trial_id}, scored {summary.best_value:.4f} once"))
     return lines + [f"  {k} = {v}" for k, v in pick["params"].items()]
+
+
+def _noise_text(record: dict[str, Any]) -> str:
+    if record.get("noise_sd") is None:
+        return ""
+    how = "paired by seed, the seed's shared effect taken out" if record.get("paired") else "pooled"
+    return f"; the noise of one run, {how}: sd {record['noise_sd']:.4f}"
 
 
 def _number(value: float | None) -> str:
