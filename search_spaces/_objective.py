@@ -71,7 +71,8 @@ class PickRule:
 
 def _check_metric(name: str) -> str:
     if name not in METRIC_MODES:
-        raise ValueError(f"unknown metric {name!r}{did_you_mean(name, METRIC_MODES)}; expected one of {', '.join(METRIC_MODES)}")
+        raise ValueError(f"unknown metric {name!r}{did_you_mean(name, METRIC_MODES)}; "
+                         f"expected one of {', '.join(METRIC_MODES)}")
     return name
 
 

@@ -20,8 +20,8 @@ from pydantic import (
 )
 
 from search_spaces._errors import _AtKey, short_repr, to_space_error
-from search_spaces._objective import (LATENCY_METRICS, MEASURED_METRICS, METRIC_MODES, TRAINING_METRICS, Constraint, PickRule,
-                                      parse_constraint, parse_pick)
+from search_spaces._objective import (LATENCY_METRICS, MEASURED_METRICS, METRIC_MODES, TRAINING_METRICS, Constraint,
+                                      PickRule, parse_constraint, parse_pick)
 from search_spaces._params import ParamSpec, check_not_float_string, grid_space, order_params
 
 ParamsSpec = Mapping[str, ParamSpec]

@@ -297,3 +297,23 @@ def test_space_file_round_trip_of_the_list_form(tmp_path):
             "params:\n  lr: {loguniform: [1.0e-4, 0.1]}\n")
     spec = parse_space(yaml.safe_load(text))
     assert spec.selection.pick_rule == parse_pick("best val_acc with latency_ms <= 5")
+
+
+def test_latency_median_leaves_out_runs_the_os_preempted():
+    """A run that waits (here: sleeps, as a preempted one does) costs wall time but no CPU time."""
+    import time
+
+    from tuner.latency import median_ms
+
+    calls = []
+
+    def run():
+        calls.append(None)
+        if len(calls) % 2:
+            time.sleep(0.02)  # off the CPU: 20 ms of wall time
+        else:
+            end = time.thread_time() + 0.002
+            while time.thread_time() < end:  # on the CPU: 2 ms
+                pass
+
+    assert 1.5 < median_ms(run, warmup=0, budget_s=0.1) < 6

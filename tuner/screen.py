@@ -42,7 +42,8 @@ def format_front(summary: SearchSummary) -> list[str]:
     for entry in summary.front:
         mark = "*" if entry["trial_id"] == pick.get("trial_id") else " "
         config = ", ".join(f"{k}={_short(v)}" for k, v in entry["config"].items())
-        lines.append(f" {mark}[{entry['index']}] trial {entry['trial_id']}: {_metric_values(entry['values'])} ({config})")
+        values = _metric_values(entry["values"])
+        lines.append(f" {mark}[{entry['index']}] trial {entry['trial_id']}: {values} ({config})")
     if pick.get("trial_id") is None:
         return lines + [f"pick ({pick.get('rule')}): none, {pick.get('why')}"]
     where = f"[{pick['front_index']}]" if pick.get("front_index") is not None else "not on the front"
