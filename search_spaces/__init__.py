@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from search_spaces._errors import SpaceError
 from search_spaces._loader import load_space, parse_space
+from search_spaces._objective import (LATENCY_METRICS, MEASURED_METRICS, METRIC_MODES, Constraint, PickRule,
+                                      parse_constraint, parse_pick)
 from search_spaces._params import DISTRIBUTIONS, ParamSpec
 from search_spaces._sampler import build_sampler
 from search_spaces._spec import (
     BudgetSpec,
     DataSpec,
     ExportSpec,
+    MetricSpec,
     ModelSpec,
     ObjectiveSpec,
     ParamsSpec,
@@ -25,13 +28,19 @@ from search_spaces._spec import (
 
 __all__ = [
     "DISTRIBUTIONS",
+    "LATENCY_METRICS",
+    "MEASURED_METRICS",
+    "METRIC_MODES",
     "BudgetSpec",
+    "Constraint",
     "DataSpec",
     "ExportSpec",
+    "MetricSpec",
     "ModelSpec",
     "ObjectiveSpec",
     "ParamSpec",
     "ParamsSpec",
+    "PickRule",
     "RefitSpec",
     "SamplerSpec",
     "SearchSpec",
@@ -40,5 +49,7 @@ __all__ = [
     "TrialSpec",
     "build_sampler",
     "load_space",
+    "parse_constraint",
+    "parse_pick",
     "parse_space",
 ]

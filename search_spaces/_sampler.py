@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import threading
 import warnings
+from typing import Any
 
 import optuna
 
@@ -24,6 +26,11 @@ def build_sampler(spec: SamplerSpec, *, params: ParamsSpec, concurrency: int) ->
                 constant_liar=concurrency > 1,
                 **startup,
             )
+        if spec.type == "nsga2":
+            # Several objectives: NSGA-II's first generation (population_size trials) is random. Constraint
+            # values reach it per trial (Trial.set_constraint, tuner/_ray.py), as they reach TPE and GP.
+            population = {} if spec.population_size is None else {"population_size": spec.population_size}
+            return PicklableNSGAIISampler(seed=spec.seed, **population)
         if spec.type == "random":
             return optuna.samplers.RandomSampler(seed=spec.seed)
         if spec.type == "cmaes":
@@ -38,3 +45,16 @@ def build_sampler(spec: SamplerSpec, *, params: ParamsSpec, concurrency: int) ->
             # still running enter its acquisition (qLogEI), so it needs no constant liar. Needs torch.
             return optuna.samplers.GPSampler(seed=spec.seed, warn_independent_sampling=False, **startup)
         return optuna.samplers.GridSampler(grid_space(params), seed=spec.seed)
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGA-II that pickles: Ray pickles the searcher with its sampler (the Tuner's state, --resume),
+    and Optuna 5.1's genetic samplers hold a threading.Lock, which cannot be. The lock guards a
+    cache within one process, so a copy gets a fresh one."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "_thread_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()

@@ -20,6 +20,8 @@ from pydantic import (
 )
 
 from search_spaces._errors import _AtKey, short_repr, to_space_error
+from search_spaces._objective import (LATENCY_METRICS, MEASURED_METRICS, METRIC_MODES, TRAINING_METRICS, Constraint,
+                                      PickRule, parse_constraint, parse_pick)
 from search_spaces._params import ParamSpec, check_not_float_string, grid_space, order_params
 
 ParamsSpec = Mapping[str, ParamSpec]
@@ -46,15 +48,55 @@ class ModelSpec(_Section):
     pretrained: str | None = None  # None, "torchvision", or a path to an exported model
 
 
-class ObjectiveSpec(_Section):
-    metric: Literal["val_acc", "val_loss"] = "val_acc"
-    mode: Literal["max", "min"] = "max"
+class MetricSpec(_Section):
+    """One objective: a metric and its mode (`latency_ms` alone means `{metric: latency_ms, mode: min}`)."""
+
+    metric: Literal["val_acc", "val_loss", "params", "macs", "latency_ms", "latency_ms_b64"]
+    mode: Literal["max", "min"]
 
     @model_validator(mode="before")
     @classmethod
     def _default_mode(cls, data: Any) -> Any:
-        # `{metric: val_loss}` alone must not be maximised.
-        if isinstance(data, dict) and "mode" not in data:
+        data = {"metric": data} if isinstance(data, str) else data
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a metric ({', '.join(METRIC_MODES)}) or {{metric: ..., mode: ...}}, "
+                             f"got {short_repr(data)}")
+        if "mode" not in data and "mode" not in data and data.get("metric") in METRIC_MODES:
+            return {**data, "mode": METRIC_MODES[data["metric"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> MetricSpec:
+        if self.mode != METRIC_MODES[self.metric]:
+            raise _AtKey(("mode",), f"expected '{METRIC_MODES[self.metric]}' for {self.metric}, got '{self.mode}'")
+        return self
+
+
+class ObjectiveSpec(_Section):
+    """`{metric: val_acc, mode: max}`, or several objectives, `{metrics: [val_acc, latency_ms]}`
+    (Optuna's multi-objective samplers; ASHA judges the first, which is val_acc or val_loss), with
+    optional constraints on any metric (`constraints: ["latency_ms <= 5"]`)."""
+
+    metric: Literal["val_acc", "val_loss"] = "val_acc"  # the first objective: what ASHA judges
+    mode: Literal["max", "min"] = "max"
+    metrics: tuple[MetricSpec, ...] = ()  # several objectives, `metric` first; empty: `metric` alone
+    constraints: tuple[str, ...] = ()  # "METRIC <= NUMBER" (or <, >=, >): feasible trials hold them all
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        # `{metric: val_loss}` alone must not be maximised; `metrics` sets metric and mode from its first.
+        if isinstance(data, list):
+            raise _AtKey((), "expected a mapping, {metric: val_acc} or {metrics: [val_acc, latency_ms]}, got a "
+                             "list; put the list under metrics")
+        if not isinstance(data, dict):
+            return data
+        if isinstance(data.get("metrics"), (list, tuple)) and data["metrics"]:
+            first = MetricSpec.model_validate(data["metrics"][0]) if _is_metric(data["metrics"][0]) else None
+            if first is not None and first.metric in TRAINING_METRICS:  # else the after-validator says why
+                _check_agrees(data, first)
+                return {**data, "metric": first.metric, "mode": first.mode}
+        if "mode" not in data:
             return {**data, "mode": _BEST_MODE.get(data.get("metric", "val_acc"), "max")}
         return data
 
@@ -62,7 +104,54 @@ class ObjectiveSpec(_Section):
     def _check_mode(self) -> ObjectiveSpec:
         if self.mode != _BEST_MODE[self.metric]:
             raise _AtKey(("mode",), f"expected '{_BEST_MODE[self.metric]}' for {self.metric}, got '{self.mode}'")
+        names = [m.metric for m in self.metrics]
+        if names and names[0] not in TRAINING_METRICS:
+            raise _AtKey(("metrics", "0"), f"expected {' or '.join(TRAINING_METRICS)} first (ASHA judges the "
+                                           f"first objective), got {names[0]!r}")
+        for index, name in enumerate(names):
+            if name in names[:index]:
+                raise _AtKey(("metrics", str(index)), f"{name!r} is listed twice; expected each metric once")
         return self
+
+    @field_validator("constraints")
+    @classmethod
+    def _check_constraints(cls, constraints: tuple[str, ...]) -> tuple[str, ...]:
+        for index, text in enumerate(constraints):
+            try:
+                parse_constraint(text)
+            except ValueError as err:
+                raise _AtKey((str(index),), str(err)) from None
+        return constraints
+
+    @property
+    def objectives(self) -> tuple[MetricSpec, ...]:
+        """Every objective, the one ASHA judges first."""
+        return self.metrics or (MetricSpec(metric=self.metric, mode=self.mode),)
+
+    @property
+    def several(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def parsed_constraints(self) -> tuple[Constraint, ...]:
+        return tuple(parse_constraint(text) for text in self.constraints)
+
+
+def _is_metric(item: Any) -> bool:
+    """A first entry of `metrics` that validates; a bad one is left for the field's own error."""
+    try:
+        MetricSpec.model_validate(item)
+    except (ValidationError, ValueError):
+        return False
+    return True
+
+
+def _check_agrees(data: dict[str, Any], first: MetricSpec) -> None:
+    """`metric`/`mode` next to `metrics` (as search.json writes it back) must be the first metric's."""
+    for key in ("metric", "mode"):
+        if key in data and data[key] != getattr(first, key):
+            raise _AtKey((key,), f"{data[key]!r} but metrics starts with {getattr(first, key)!r}; "
+                                 "expected metrics alone (its first is the one ASHA judges)")
 
 
 class BudgetSpec(_Section):
@@ -80,10 +169,11 @@ class BudgetSpec(_Section):
 
 
 class SamplerSpec(_Section):
-    type: Literal["tpe", "random", "cmaes", "qmc", "grid", "gp"] = "tpe"
+    type: Literal["tpe", "random", "cmaes", "qmc", "grid", "gp", "nsga2"] = "tpe"
     seed: int = 0  # same seed, same sampled configurations
     n_startup_trials: NonNegativeInt | None = None  # tpe/cmaes/gp random warm-up; None = Optuna's default
     multivariate: bool = True  # tpe only
+    population_size: int | None = Field(None, ge=2)  # nsga2 only: trials per generation; None = Optuna's 50
 
 
 class TrialSpec(_Section):
@@ -130,6 +220,20 @@ class SelectionSpec(_Section):
 
     top_k: PositiveInt = 1
     repeats: PositiveInt = 2  # fresh runs per confirmed configuration
+    # which trial the refit takes: "best METRIC [with METRIC <= NUMBER [and ...]]" (tuner/pareto.py);
+    # None: the best by the first objective among the trials that hold objective.constraints
+    pick: str | None = None
+
+    @field_validator("pick")
+    @classmethod
+    def _check_pick(cls, pick: str | None) -> str | None:
+        if pick is not None:
+            parse_pick(pick)  # its ValueError names what was expected
+        return pick
+
+    @property
+    def pick_rule(self) -> PickRule | None:
+        return parse_pick(self.pick) if self.pick is not None else None
 
 
 class ExportSpec(_Section):
@@ -191,6 +295,35 @@ class SearchSpec(_Section):
             except _AtKey as err:
                 raise _AtKey(("params", *err.key), err.message) from None
         return self
+
+    @model_validator(mode="after")
+    def _check_objectives(self) -> SearchSpec:
+        several = self.objective.several
+        if self.sampler.type == "cmaes" and several:
+            raise _AtKey(("sampler", "type"), "cmaes optimises one objective; expected tpe, nsga2, gp, random, "
+                                              "qmc or grid with several objectives")
+        if self.selection.top_k > 1 and (several or self.selection.pick):
+            what = "several objectives" if several else "selection.pick"
+            raise _AtKey(("selection", "top_k"), f"expected 1 with {what} (confirming the top configurations "
+                                                 f"of a Pareto front is not built yet), got {self.selection.top_k}")
+        return self
+
+    @property
+    def measured_metrics(self) -> tuple[str, ...]:
+        """The metrics besides training's that the objectives, constraints and pick name: each trial
+        measures these once (tuner/latency.py for latency)."""
+        pick = self.selection.pick_rule
+        named = [m.metric for m in self.objective.objectives] + [c.metric for c in self.objective.parsed_constraints]
+        named += [pick.metric, *(c.metric for c in pick.constraints)] if pick else []
+        if any(name in LATENCY_METRICS for name in named):  # one timing session measures both batch sizes
+            named += LATENCY_METRICS
+        return tuple(name for name in MEASURED_METRICS if name in named)
+
+    @property
+    def selects(self) -> bool:
+        """Whether the refit's trial comes from a rule (several objectives, constraints or a pick)
+        rather than from the best of one objective: then the summary holds a front and a pick."""
+        return self.objective.several or bool(self.objective.constraints) or self.selection.pick is not None
 
     def sample(self, trial: optuna.Trial) -> dict[str, Any]:
         """Suggest every active parameter; returns suggested and constant values alike."""

@@ -11,6 +11,7 @@ by Ray node id.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,6 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -256,7 +256,9 @@ def test_best_folder_goes_up_to_a_uri_and_a_warm_start_checkpoint_comes_down(tmp
     uploaded = sorted(str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*") if p.is_file())
     assert uploaded == ["run/best/config.json", "run/best/exports/model.ts"]
 
-    summary = SimpleNamespace(refit_trial_id="a", metric="val_acc", mode="max")
+    summary = results.SearchSummary(metric="val_acc", mode="max", best_trial_id="a", best_value=0.5, best_val_acc=0.5,
+                                    best_epoch=1, best_config={"lr": 0.1}, trials=2, by_status={}, epochs_spent=2,
+                                    epochs_without_early_stopping=2)
     found = results.SearchResults(
         trials=[{"trial_id": "a", "checkpoint": f"file://{tmp_path}/store/run/best", "best_val_acc": 0.5},
                 {"trial_id": "b", "checkpoint": "s3://not/touched", "best_val_acc": 0.9}],
@@ -271,7 +273,8 @@ def test_best_folder_goes_up_to_a_uri_and_a_warm_start_checkpoint_comes_down(tmp
                 {"trial_id": "c2", "confirm_of": "a", "checkpoint": f"file://{tmp_path}/store/run/best",
                  "best_val_acc": 0.7},
                 {"trial_id": "c3", "confirm_of": "b", "checkpoint": "s3://not/touched/either", "best_val_acc": 0.8}],
-        history=[], summary=summary)
+        history=[], summary=dataclasses.replace(summary, best_trial_id="b", best_val_acc=0.9, selected_trial_id="a",
+                                                selected_config={"lr": 0.2}, selected_value=0.65, confirmation={"runs": 4}))
     local = _with_local_checkpoint(confirmed, str(tmp_path / "warm2"))
     assert [t["checkpoint"] for t in local.trials] == [None, "s3://not/touched", str(tmp_path / "warm2"),
                                                        "s3://not/touched/either"]

@@ -15,7 +15,7 @@ from search_spaces import SearchSpec, SpaceError, build_sampler, load_space, par
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SAMPLER_TYPES = ["tpe", "random", "cmaes", "qmc", "grid"]
+SAMPLER_TYPES = ["tpe", "random", "cmaes", "qmc", "grid", "nsga2"]
 
 # What a training config would pass in: its field names and the values its enums accept.
 PARAM_NAMES = [
@@ -208,7 +208,7 @@ ERRORS = [
     ("grid with a condition", _space(f"{OPTIMIZER}\n{MOMENTUM}optimizer: sgd}}}}", "sampler: {type: grid}"),
      "params.momentum.when", "expected no condition under sampler type grid"),
     ("unknown sampler", _space("lr: 0.1", "sampler: {type: tpee}"),
-     "sampler.type", "expected one of tpe, random, cmaes, qmc, grid, gp, got 'tpee' (did you mean 'tpe'?)"),
+     "sampler.type", "expected one of tpe, random, cmaes, qmc, grid, gp, nsga2, got 'tpee' (did you mean 'tpe'?)"),
     ("unknown param name", _space("lrr: {uniform: [0.1, 0.2]}"),
      "params.lrr", "unknown parameter (did you mean 'lr'?)"),
     ("not a number", _space("lr: {uniform: [low, 0.2]}"),
@@ -306,12 +306,14 @@ def test_build_sampler_options(tmp_path: Path) -> None:
         warnings.simplefilter("error")  # no ExperimentalWarning leaks to the user
         samplers = {
             kind: build_sampler(spec.sampler.model_copy(update={"type": kind}), params=spec.params, concurrency=4)
-            for kind in ["tpe", "random", "cmaes", "qmc", "gp"]
+            for kind in ["tpe", "random", "cmaes", "qmc", "gp", "nsga2"]
         }
     assert isinstance(samplers["tpe"], optuna.samplers.TPESampler)
     assert isinstance(samplers["gp"], optuna.samplers.GPSampler)
     assert isinstance(samplers["cmaes"], optuna.samplers.CmaEsSampler)
     assert isinstance(samplers["qmc"], optuna.samplers.QMCSampler)
+    assert isinstance(samplers["nsga2"], optuna.samplers.NSGAIISampler)
+    assert pickle.loads(pickle.dumps(samplers["nsga2"]))._thread_lock is not None  # Ray pickles the searcher
     grid = load_space(_write(tmp_path, _sampler_space("grid")))
     sampler = build_sampler(grid.sampler, params=grid.params, concurrency=1)
     assert isinstance(sampler, optuna.samplers.GridSampler)

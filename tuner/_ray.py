@@ -29,7 +29,7 @@ from trainables.config import TrainConfig
 from trainables.data import Splits, load_data, make_splits
 from trainables.train import NonFiniteLossError, Trainer, flush_denormals
 
-from . import storage
+from . import latency, storage
 from .errors import ClusterError
 from .plan import Cluster, SearchPlan
 from .ray_state import back_up_state
@@ -154,11 +154,13 @@ def _splits_for(config: TrainConfig, cache_dir: str | None) -> Splits:
 
 
 def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, threads: int,
-          hook: str | None = None, hook_args: dict[str, Any] | None = None) -> None:
+          hook: str | None = None, hook_args: dict[str, Any] | None = None, measure: tuple[str, ...] = ()) -> None:
     """Train one sampled configuration, reporting once per epoch and checkpointing as often as
     CheckpointPacer allows (every epoch unless saving is slow next to the epochs; the last always).
     hook: the space's trial.hook ('module:callable', called with hook_args), told of the start and
     of each epoch's end before its report (tuner/hooks.py); None: nothing is called.
+    measure: the metrics besides training's that the objectives name (params, macs, latency_ms, ...),
+    measured once, after the setup, and sent with every report (tuner/latency.py).
 
     Overheads travel with each report: setup_s (entry to the first training step: data from the
     process's cache, model build, restore) and between_epochs_s (checkpoint + report of the epoch
@@ -174,7 +176,7 @@ def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, t
     if checkpoint:  # a retried or resumed trial continues from its last epoch
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(load_checkpoint(folder))
-    where = _placement(entered)
+    where = {**_placement(entered), **_measured(trainer, measure, threads)}
     trial_hook = hooks.make(hook, hook_args)
     hooks.call(trial_hook, "on_start", trainer)
     try:
@@ -191,6 +193,13 @@ def _placement(entered: float) -> dict[str, Any]:
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "pid": os.getpid(),
              "started_at": time.time()}
     return {**where, "setup_s": where["started_at"] - entered}
+
+
+def _measured(trainer: Trainer, names: tuple[str, ...], threads: int) -> dict[str, Any]:
+    if not names:
+        return {}
+    return latency.trial_metrics(trainer.model, names=names, mean=trainer.splits.mean, std=trainer.splits.std,
+                                 input_size=trainer.config.input_size, threads=threads)
 
 
 def _train_and_report(trainer: Trainer, where: dict[str, Any], trial_hook: Any) -> None:
@@ -245,7 +254,7 @@ def confirm_trial(config: dict[str, Any], **kwargs: Any) -> None:
 def _trainable(plan: SearchPlan, function: Callable = trial):
     threads = max(1, int(plan.cpus_per_trial))
     fn = tune.with_parameters(function, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads,
-                              hook=plan.hook, hook_args=plan.hook_args)
+                              hook=plan.hook, hook_args=plan.hook_args, measure=plan.measure)
     return tune.with_resources(fn, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 
@@ -308,7 +317,10 @@ def can_resume(run_dir: str) -> bool:
 
 
 def _tune_config(plan: SearchPlan) -> tune.TuneConfig:
-    searcher = OptunaSearch(space=plan.define_by_run, metric=plan.metric, mode=plan.mode, sampler=plan.sampler)
+    several = len(plan.metrics) > 1  # Optuna's multi-objective study; ASHA judges plan.metric, the first
+    searcher = ConstrainedOptunaSearch(space=plan.define_by_run, metric=list(plan.metrics) if several else plan.metric,
+                                       mode=list(plan.modes) if several else plan.mode, sampler=plan.sampler,
+                                       constraints=plan.constraints)
     scheduler = ASHAScheduler(time_attr="training_iteration", metric=plan.metric, mode=plan.mode,
                               max_t=plan.max_epochs, grace_period=plan.grace_period,
                               reduction_factor=plan.reduction_factor)
@@ -324,6 +336,23 @@ def _run_config(plan: SearchPlan, callbacks: list[tune.Callback]) -> tune.RunCon
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
     )
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch, telling Optuna each finished trial's constraint values
+    (Trial.set_constraint: <= 0 feasible) before its objective values; Optuna's constrained samplers
+    (TPE, NSGA-II, GP) then prefer the feasible trials. Ray itself passes no constraint on."""
+
+    def __init__(self, *args: Any, constraints: tuple = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.constraints = tuple(constraints)  # search_spaces.Constraint
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if self.constraints and result and ot_trial is not None and trial_id not in self._completed_trials:
+            for constraint in self.constraints:
+                ot_trial.set_constraint(str(constraint), constraint.violation(result.get(constraint.metric)))
+        super().on_trial_complete(trial_id, result, error)
 
 
 class ProgressCallback(tune.Callback):

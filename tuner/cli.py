@@ -125,24 +125,33 @@ def search(**kwargs) -> None:
 @main.command("refit")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--epochs", type=click.IntRange(min=1), help="Refit epochs [default: the space's].")
+@click.option("--pick", type=click.IntRange(min=0),
+              help="Refit entry N of the Pareto front the summary lists [default: selection.pick, else the best].")
 @torch_command
-def refit_command(run_dir: str, epochs: int | None) -> None:
-    """Refit the search's chosen configuration (its best, or the confirmed pick) on train+val; test it once."""
+def refit_command(run_dir: str, epochs: int | None, pick: int | None) -> None:
+    """Refit the best configuration of a finished search (its best, the confirmed pick, or the one --pick names) on train+val; test it once."""
     from trainables.finetune import check_model
 
     from . import results
-    from .refit import refit, refit_config
+    from .pareto import choice
+    from .refit import refit, refit_config, search_metrics
 
     record, summary = results.read_record(run_dir), results.read_summary(run_dir)
     if not summary.found:
         raise SearchError(f"{run_dir}: no trial of this search gave a result, so there is nothing to refit")
+    chosen = choice(summary, pick)
+    if chosen is None:
+        raise SearchError(f"{run_dir}: selection.pick {summary.pick['rule']!r}: {summary.pick['why']}; "
+                          "refit a trial of the front with --pick N")
     try:  # the config the refit would train, checked before it starts
-        config = refit_config(record.base_config, summary.refit_config, epochs or record.refit_epochs)
+        config = refit_config(record.base_config, chosen.config, epochs or record.refit_epochs)
         check_model(config)
     except (TypeError, ValueError) as error:
-        raise SearchError(f"{run_dir}: the best configuration cannot be trained: {error}") from None
-    refit(run_dir, config=config, val_acc=summary.refit_val_acc, formats=record.export_formats, say=click.echo,
-          warn=functools.partial(click.echo, err=True))
+        raise SearchError(f"{run_dir}: the chosen configuration cannot be trained: {error}") from None
+    click.echo(f"refit: trial {chosen.trial_id}, by the {chosen.reason}")
+    threads = int(max(1, record.space.get("trial", {}).get("cpus", 1)))
+    refit(run_dir, config=config, val_acc=chosen.val_acc, formats=record.export_formats, say=click.echo,
+          warn=functools.partial(click.echo, err=True), search_metrics=search_metrics(chosen, threads=threads))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ normalisation is inside the graph, so any runtime feeds decoded pixels and nothi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -136,11 +137,12 @@ def _write_torchscript(model: RawPixelModel, example: torch.Tensor, path: Path) 
         torch.jit.save(traced, path)
 
 
-def _write_onnx(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
+def _write_onnx(model: RawPixelModel, example: torch.Tensor, path: Path | io.BytesIO) -> None:
     # dynamo=False: the TorchScript-based exporter needs neither onnxscript nor a network
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+        target = str(path) if isinstance(path, Path) else path  # a file, or a buffer (onnx_bytes)
+        torch.onnx.export(model, (example,), target, dynamo=False, opset_version=ONNX_OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
 
@@ -149,6 +151,19 @@ def _write_pt2(model: RawPixelModel, example: torch.Tensor, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1)  # any batch size: the graph must not specialise to the example's 2
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, path)
+
+
+def example_images(size: int) -> torch.Tensor:
+    """What the graphs are traced with: two images, so nothing in a graph specialises to a batch of one."""
+    return torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
+
+
+def onnx_bytes(model: nn.Module, *, mean: Sequence[float], std: Sequence[float], input_size: int) -> bytes:
+    """The ONNX program export_model writes for this model (CPU, eval mode), in memory: what a trial
+    times (tuner/latency.py) is the graph its export would ship."""
+    buffer = io.BytesIO()
+    _write_onnx(RawPixelModel(model, mean, std).eval(), example_images(input_size), buffer)
+    return buffer.getvalue()
 
 
 def _tmp(path: Path) -> Path:
@@ -171,8 +186,7 @@ def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_
     earlier = _read_metrics(model_dir)  # read before anything is written: a bad file changes nothing
     wrapped = RawPixelModel(model, meta["mean"], meta["std"]).eval()
     size = meta["config"]["input_size"]
-    # two images: nothing in the graph may specialise to a batch of one
-    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)) * 255
+    example = example_images(size)
     written = {name: model_dir / FILES[name] for name in formats}
     staged = [name for name in formats if name in WRITERS]
     try:
@@ -188,11 +202,30 @@ def export_model(model_dir: str | os.PathLike, formats: Iterable[str] = DEFAULT_
         for name in staged:
             _tmp(written[name]).unlink(missing_ok=True)
     stats = {"parameters": count_parameters(model), "macs_per_image": count_macs(model, size)}
+    threads = int(earlier.get("latency_threads") or 1)  # as the search's trials timed it
+    meta = {**meta, "latency": _latency(model_dir, meta, formats, size, threads=threads)}
     meta = _update_config(model_dir, meta, model, formats, stats)
     # metrics.json is the training's (trainables.run), read for the card and never rewritten here
     (model_dir / LABELS_FILE).write_text("".join(f"{name}\n" for name in meta["classes"]))
     (model_dir / CARD_FILE).write_text(model_card(meta, {**earlier, **stats}))
     return written
+
+
+def _latency(model_dir: Path, meta: dict[str, Any], formats: Sequence[str], size: int, *,
+             threads: int) -> dict[str, Any] | None:
+    """model.onnx timed by ONNX Runtime on the CPU (tuner/latency.py: median ms at batch 1 and 64),
+    with as many threads as the search's trials had (metrics.json's latency_threads, else 1); the
+    earlier figure when this export wrote no ONNX; None without onnxruntime."""
+    if "onnx" not in formats:
+        return meta.get("latency") if "onnx" in meta.get("exports", {}) else None
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from .latency import measure_onnx
+
+    figures = measure_onnx(model_dir / FILES["onnx"], input_size=size, threads=threads)
+    return {**figures, "threads": threads, "runtime": f"onnxruntime {onnxruntime.__version__}, CPU"}
 
 
 def layer_depth(model: ResNet) -> int:
@@ -266,10 +299,26 @@ def _card_model(meta: dict[str, Any], metrics: dict[str, Any]) -> str:
         f"{model['stages']} stages",
         f"- Parameters: {model['parameters']:,}",
         f"- MACs per image: {model['macs_per_image']:,} ({config['input_size']}x{config['input_size']} input)",
+        *_card_latency(meta, metrics),
         f"- Data: {config['dataset']} ({source}), {trained}, {meta.get('epoch', config['epochs'])} epochs",
         f"- Classes ({meta['num_classes']}, in output order): {', '.join(meta['classes'])}",
         f"- Files: {files}, `{LABELS_FILE}`, `{CONFIG_FILE}` (config, classes, contract), `{METRICS_FILE}`",
     ])
+
+
+def _card_latency(meta: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """The latency measured at export, and the search's figure for the same configuration."""
+    timing = meta.get("latency")
+    if not timing:
+        return []
+    threads = f"{timing['threads']} thread{'s' if timing['threads'] > 1 else ''}"
+    line = (f"- Latency (`{FILES['onnx']}`, {timing['runtime']}, {threads}, median of repeated runs, measured at "
+            f"export): {timing['latency_ms']:.3g} ms per image at batch 1, {timing['latency_ms_b64']:.3g} ms "
+            "per batch of 64")
+    if metrics.get("search_latency_ms") is not None:
+        line += (f"; the search measured {metrics['search_latency_ms']:.3g} ms at batch 1 for this configuration "
+                 f"(trial {metrics.get('search_trial_id')})")
+    return [line]
 
 
 def _card_accuracy(meta: dict[str, Any], metrics: dict[str, Any]) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from search_spaces import SearchSpec, build_sampler, load_space
+from search_spaces import Constraint, SearchSpec, build_sampler, load_space
 from trainables.config import AUGMENTS, FREEZE_STRATEGIES, OPTIMIZERS, SCHEDULES, STEMS, TrainConfig, field_names
 from trainables.finetune import PretrainedError, check_model, model_config_of
 from trainables.models import list_models, model_macs
@@ -83,6 +83,10 @@ class SearchPlan:
     max_failures: int = 2
     hook: str | None = None                   # trial.hook: module:callable (tuner/hooks.py)
     hook_args: dict[str, Any] | None = None
+    metrics: tuple[str, ...] = ()             # several objectives (Optuna's), `metric` first; () = `metric` alone
+    modes: tuple[str, ...] = ()
+    constraints: tuple[Constraint, ...] = ()  # told to Optuna per trial (Trial.set_constraint)
+    measure: tuple[str, ...] = ()             # params, macs, latency_ms...: measured once by each trial
 
     @property
     def run_dir(self) -> str:
@@ -339,7 +343,17 @@ def make_plan(spec: SearchSpec, options: SearchOptions, base: TrainConfig, resou
         time_limit_s=spec.budget.time_limit_s, max_concurrent=resources.max_concurrent,
         cpus_per_trial=resources.cpus_per_trial, gpus_per_trial=resources.gpus_per_trial,
         base_config=base, cache_dir=os.environ.get("TUNE_RESNET_CACHE"), verbose=options.verbose,
-        hook=spec.trial.hook, hook_args=spec.trial.hook_args)
+        hook=spec.trial.hook, hook_args=spec.trial.hook_args, **_objectives(spec))
+
+
+def _objectives(spec: SearchSpec) -> dict[str, Any]:
+    """SearchPlan's fields for several objectives, constraints and measured metrics (latency needs onnxruntime)."""
+    from .latency import check_available
+
+    check_available(spec.measured_metrics)
+    objectives = spec.objective.objectives if spec.objective.several else ()
+    return {"metrics": tuple(m.metric for m in objectives), "modes": tuple(m.mode for m in objectives),
+            "constraints": spec.objective.parsed_constraints, "measure": spec.measured_metrics}
 
 
 def run_name(spec: SearchSpec, options: SearchOptions) -> str:

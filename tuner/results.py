@@ -70,6 +70,10 @@ class SearchSummary:
         """The search's val_acc for the refit's configuration (the model card's): the confirmed mean
         when val_acc is the objective and a confirmation ran, else the best trial's."""
         return self.selected_value if self.confirmation and self.metric == "val_acc" else self.best_val_acc
+    # several objectives, constraints or selection.pick (tuner/pareto.py): the non-dominated trials
+    # ({index, trial_id, status, values, config}, best first objective first) and the refit's pick
+    front: list[dict[str, Any]] | None = None
+    pick: dict[str, Any] | None = None
 
     @property
     def found(self) -> bool:
@@ -112,8 +116,9 @@ def trial_status(*, epochs: int, diverged: bool, errored: bool, max_epochs: int)
 
 
 def collect(records: list[TrialRecord], *, metric: str, mode: str, max_epochs: int, num_samples: int,
-            started_at: float | None = None) -> SearchResults:
-    """Best = best epoch of any trial, by the objective."""
+            started_at: float | None = None, measured: tuple[str, ...] = ()) -> SearchResults:
+    """Best = best epoch of any trial, by the objective. measured: the columns each trial measured
+    once (params, macs, latency_ms, ...), taken from its last report."""
     pick = max if mode == "max" else min
     trials, history = [], []
     for record in records:
@@ -136,6 +141,7 @@ def collect(records: list[TrialRecord], *, metric: str, mode: str, max_epochs: i
             "pid": last.get("pid"), "setup_s": record.history[0].get("setup_s") if record.history else None,
             "ended_at": _ended_at(record.history[-1]) if record.history else None,
             "error": record.error, "path": record.path, "checkpoint": record.checkpoint_path,
+            **{name: (record.history[-1].get(name) if record.history else None) for name in measured},
             **{f"config/{k}": v for k, v in record.params.items()},
         })
         history += [{"trial_id": record.trial_id, **{c: r.get(c) for c in HISTORY_COLUMNS}}

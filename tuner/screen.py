@@ -28,7 +28,38 @@ def format_summary(summary: SearchSummary) -> list[str]:
     lines.append(f"best {summary.metric}: {summary.best_value:.4f} (trial {summary.best_trial_id}, "
                  f"epoch {summary.best_epoch})")
     lines += [f"  {k} = {v}" for k, v in summary.best_config.items()]
-    return lines
+    return lines + format_front(summary)
+
+
+def format_front(summary: SearchSummary) -> list[str]:
+    """Several objectives, constraints or selection.pick: the Pareto front, a line per trial with its
+    index for `refit --pick N` (* marks the pick), and the pick rule's trial."""
+    if summary.front is None:
+        return []
+    pick = summary.pick or {}
+    lines = [f"Pareto front: {len(summary.front)} of {summary.trials} trials that no other beats on every "
+             "objective (refit another with: tune-resnet refit RUN_DIR --pick N)"]
+    for entry in summary.front:
+        mark = "*" if entry["trial_id"] == pick.get("trial_id") else " "
+        config = ", ".join(f"{k}={_short(v)}" for k, v in entry["config"].items())
+        values = _metric_values(entry["values"])
+        lines.append(f" {mark}[{entry['index']}] trial {entry['trial_id']}: {values} ({config})")
+    if pick.get("trial_id") is None:
+        return lines + [f"pick ({pick.get('rule')}): none, {pick.get('why')}"]
+    where = f"[{pick['front_index']}]" if pick.get("front_index") is not None else "not on the front"
+    return lines + [f"pick ({pick['rule']}): trial {pick['trial_id']} {where}: {_metric_values(pick['values'])}"]
+
+
+def _metric_values(values: dict[str, float]) -> str:
+    units = {"latency_ms": " ms", "latency_ms_b64": " ms"}
+    return ", ".join(f"{name} {value:.4f}" if name.startswith("val_") else f"{name} {_short(value)}{units.get(name, '')}"
+                     for name, value in values.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if 0.01 <= abs(value) < 1 else f"{value:.4g}"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
 def format_selection(summary: SearchSummary) -> list[str]:

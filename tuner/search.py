@@ -18,7 +18,7 @@ from search_spaces import SearchSpec
 from trainables.config import TrainConfig
 from trainables.data import check_source, check_splits, load_data
 
-from . import _ray, confirm, ray_state, results, rungs, storage
+from . import _ray, confirm, pareto, ray_state, results, rungs, storage
 from .errors import Interrupted, Say, SearchError, SearchFailed, check_writable, warn
 from .plan import (Cluster, SearchOptions, SearchPlan, base_config, check_params, describe, load_spec, make_plan,
                    plan_resources, run_name)
@@ -94,7 +94,8 @@ def _search(spec: SearchSpec, plan: SearchPlan, resume: bool, say: Say) -> resul
     started_at = time.time()
     grid = _ray.run_search(plan, listener=progress, resume=resume)
     found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs,
-                            num_samples=plan.num_samples, started_at=started_at)
+                            num_samples=plan.num_samples, started_at=started_at, measured=plan.measure)
+    found = pareto.select(found, spec)  # several objectives, constraints, selection.pick: the front and the pick
     results.write(found, plan.run_dir)
     if _ray.interrupted(grid, None if plan.time_limit_s else plan.num_samples):
         raise Interrupted(f"interrupted with {found.summary.trials} of {plan.num_samples} trials started; "

@@ -10,6 +10,7 @@ from typing import Callable
 import optuna
 
 from .curves import plot_best_vs_epochs, plot_best_vs_time, plot_learning_curves
+from .front import has_front, plot_front
 from .model import plot_confusion, plot_refit, plot_test_images
 from .params import plot_importance, plot_parallel, plot_slices
 from .run import REPORT_DIR, Run
@@ -21,6 +22,7 @@ class Plot:
     file: str
     caption: str
     draw: Callable
+    applies: Callable = lambda run: True  # False: a plot this kind of run never has, left out without a note
 
 
 def plots(study: optuna.Study) -> list[Plot]:
@@ -32,6 +34,10 @@ def plots(study: optuna.Study) -> list[Plot]:
         Plot("best_vs_epochs.png", "Best validation accuracy found so far against the epochs spent by all "
                "trials together; the dashed line is what the trials would have cost without early stopping.",
                plot_best_vs_epochs),
+        Plot("pareto_front.png", "Several objectives: each trial's best validation score against its second "
+               "objective (or constrained metric); the red staircase joins the Pareto front (the trials no other "
+               "beats on every objective; [N] is the index for refit --pick N), the star marks the refit's pick, "
+               "grey dots fail the constraints.", plot_front, applies=has_front),
         Plot("importance.png", "Hyperparameter importance from Optuna's evaluators, on the trials' best "
                "validation scores.", lambda run: plot_importance(run, study)),
         Plot("parallel_coordinates.png", "Parallel coordinates (Optuna): each line one trial.",
@@ -51,6 +57,8 @@ def draw_figures(run: Run, study: optuna.Study) -> tuple[list[Plot], list[str]]:
     plt = pyplot()
     for figure in plots(study):
         (out / figure.file).unlink(missing_ok=True)  # no stale plot from an earlier report
+        if not figure.applies(run):
+            continue
         try:
             fig = figure.draw(run)
         except Exception as error:  # one plot that fails must not cost the others
