@@ -36,6 +36,9 @@ def refit_best(run_dir: str, found: Any, spec: Any, base: TrainConfig, say: Say 
     if found.summary.pick is not None:
         say(f"refit: trial {chosen.trial_id}, by the {chosen.reason}")
     warm = warm_start_checkpoint(found.trials, found.summary) if spec.refit.warm_start else None
+    if spec.refit.warm_start and warm is None:  # the search keeps the checkpoints of its best val_acc only
+        warn(f"refit.warm_start: trial {chosen.trial_id} has no checkpoint left (the search kept those of its "
+             "best trials); the refit starts from scratch")
     return refit(run_dir, config=refit_config(base, chosen.config, spec.refit.epochs or spec.budget.max_epochs),
                  val_acc=chosen.val_acc, warm_start_from=warm, formats=spec.export.formats, say=say, warn=warn,
                  search_metrics=search_metrics(chosen, threads=int(max(1, spec.trial.cpus))))
