@@ -29,15 +29,15 @@ from trainables.config import TrainConfig
 from trainables.data import Splits, load_data, make_splits
 from trainables.train import NonFiniteLossError, Trainer, flush_denormals
 
-from . import latency, storage
+from . import latency, status, storage
 from .errors import ClusterError
 from .plan import Cluster, SearchPlan
-from .ray_state import back_up_state
+from .ray_state import StateBackup
 from .results import TrialRecord
 from . import hooks
 
 METRIC_DIVERGED = "diverged"
-KEEP_CHECKPOINTS = 2  # per trial: the latest (to resume) and one before it
+KEEP_CHECKPOINTS = 2  # per running trial: the latest (to resume) and one before it (PruneCheckpoints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +262,9 @@ def run_search(plan: SearchPlan, *, listener: Any, resume: bool) -> tune.ResultG
     """Run (or resume) the search; `listener` hears of trials starting, reporting and ending
     (tuner.progress.Progress)."""
     path = plan.run_dir
-    callbacks = [ProgressCallback(listener), PruneCheckpoints(plan.metric, plan.mode), BackUpState(path)]
+    backup = BackUpState(path)
+    callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metric), backup,
+                 PruneCheckpoints(plan.metric, plan.mode, backup)]
     if not plan.verbose:  # the legacy reporter at verbose=0 prints nothing; ours prints progress
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -285,7 +287,9 @@ def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: 
     trainable = _trainable(plan, confirm_trial)
     if resume:
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
-    callbacks = [ProgressCallback(listener), BackUpState(path)]
+    backup = BackUpState(path)
+    callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metric), backup,
+                 PruneCheckpoints(plan.metric, plan.mode, backup, below_best=False)]
     config = tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, reuse_actors=True,
                              trial_dirname_creator=_confirm_dirname)
     run_config = _run_config(plan, callbacks)
@@ -334,7 +338,7 @@ def _run_config(plan: SearchPlan, callbacks: list[tune.Callback]) -> tune.RunCon
         name=plan.name, storage_path=plan.storage, callbacks=callbacks,
         verbose=2 if plan.verbose else 0,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+        # num_to_keep: not Ray's (it forces a save of the whole state per trial); PruneCheckpoints keeps 2
     )
 
 
@@ -377,52 +381,147 @@ class ProgressCallback(tune.Callback):
         self.listener.tick()
 
 
+class StatusIndex(tune.Callback):
+    """Appends RUN_DIR/status-index.jsonl (tuner/status.py): a line when the search starts, when a
+    trial starts and when it ends, with its epochs' few numbers, so `tune-resnet status` reads
+    one file and the running trials' result.json, not every trial's. O(1) per event."""
+
+    def __init__(self, run_dir: str, metric: str) -> None:
+        self.run_dir, self.metric = run_dir, metric
+        self.rows: dict[str, dict[int, dict[str, Any]]] = {}  # running trials: epoch -> index_row
+
+    def setup(self, **info):
+        self._append(status.index_lines("search", "", at=time.time()))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.rows[trial.trial_id] = {}
+        logdir = getattr(trial.storage, "trial_dir_name", None) if trial.storage else None
+        self._append(status.index_lines("start", trial.trial_id, at=time.time(), logdir=logdir))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = status.index_row(result, self.metric)
+        self.rows.setdefault(trial.trial_id, {})[int(result.get("training_iteration", 0))] = row  # a retry's wins
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trial, "TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trial, "ERROR")
+
+    def _ended(self, trial, ray_status: str) -> None:
+        rows = self.rows.pop(trial.trial_id, {})
+        self._append(status.index_lines("end", trial.trial_id, at=time.time(), ray_status=ray_status,
+                                        rows=[rows[epoch] for epoch in sorted(rows)]))
+
+    def _append(self, lines: list[str]) -> None:
+        try:
+            storage.append_lines(self.run_dir, storage.STATUS_INDEX, lines)
+        except OSError:  # the index serves `status`; it must never stop a search
+            pass
+
+
 class BackUpState(tune.Callback):
     """Ray copies its experiment state into the run folder in place, not by rename: a driver
-    killed during the copy leaves the files empty, and `--resume` would restore nothing. Each time
-    a trial ends, the state files as they are, when whole, are copied to RUN_DIR/.state-backup/."""
+    killed during the copy leaves the files empty, and `--resume` would restore nothing. Whenever
+    Ray has saved its state (seen at the end of a step) and each time a trial ends, the state
+    files that changed are copied to RUN_DIR/.state-backup/ (tuner/ray_state.py), from the
+    driver's staging folder, where Ray writes them whole in this thread before its copy into the
+    run folder."""
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
+        self.backup: StateBackup | None = None
+
+    @property
+    def copies(self) -> int:
+        """How many times changed state was copied: PruneCheckpoints deletes what it supersedes."""
+        return self.backup.copies if self.backup else 0
+
+    def _update(self, trial) -> None:
+        if self.backup is None:
+            staging = getattr(trial.storage, "experiment_driver_staging_path", None) if trial.storage else None
+            self.backup = StateBackup(self.run_dir, source=staging if staging and os.path.isdir(staging) else None)
+        self.backup.update()
+
+    def on_step_end(self, iteration, trials, **info):
+        if trials:
+            self._update(trials[0])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        back_up_state(self.run_dir)
+        self._update(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        back_up_state(self.run_dir)
+        self._update(trial)
 
 
 class PruneCheckpoints(tune.Callback):
-    """Deletes the checkpoints of finished trials that are not among the best so far, so a
-    200-trial search keeps the checkpoints of the running trials and of the best, not of 200.
+    """Keeps the disk a search uses bounded: a running trial's last KEEP_CHECKPOINTS checkpoints
+    (and the one Ray's saved state names), and once trials end, only those of the best so far.
     Ties all keep theirs (the summary picks one of them). Errored trials keep theirs: `--resume`
-    may retry them."""
+    may retry them.
 
-    def __init__(self, metric: str, mode: str) -> None:
-        self.metric, self.sign = metric, 1.0 if mode == "max" else -1.0
+    Ray's own CheckpointConfig(num_to_keep) is not used: it forces a save of the whole
+    experiment state each time a trial has checkpointed num_to_keep times, to never name a
+    deleted checkpoint, so with 2 it saved every trial's JSON once per trial, and a search grew
+    quadratic (measured in bench/many_trials.py). Here a running trial's older checkpoints are
+    deleted only once a save of Ray's, backed up, names a newer one (`backup.copies` moved on)."""
+
+    def __init__(self, metric: str, mode: str, backup: BackUpState | None = None, *, below_best: bool = True) -> None:
+        self.metric, self.sign, self.backup = metric, 1.0 if mode == "max" else -1.0, backup
+        self.below_best = below_best  # False: the ended trials keep their last ones (the confirmation runs)
         self.score: dict[str, float] = {}  # trial_id -> best signed value so far
+        self.best = -math.inf  # max of score, kept as it grows: not a pass over every trial per result
         self.finished: dict[str, Any] = {}  # trial_id -> trial, checkpoints still on disk
-
-    def _best(self) -> float:
-        return max(self.score.values(), default=-math.inf)
+        self.saved: dict[str, list[str]] = {}  # trial_id -> its checkpoints' paths still on disk, oldest first
+        self.settled: dict[str, int] = {}  # trial_id -> how many of them a backed-up save of Ray's has seen
+        self.copies = 0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         if value is None or result.get(METRIC_DIVERGED) or not math.isfinite(value):
             return
         self.score[trial.trial_id] = max(self.score.get(trial.trial_id, -math.inf), self.sign * value)
+        self.best = max(self.best, self.score[trial.trial_id])
         self._prune_below_best()
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self.saved.setdefault(trial.trial_id, []).append(checkpoint.path)
+
+    def on_step_end(self, iteration, trials, **info):
+        copies = self.backup.copies if self.backup else self.copies + 1
+        if copies == self.copies:
+            return
+        self.copies = copies  # Ray saved its state (and it was backed up): it names each trial's newest
+        by_id = {t.trial_id: t for t in trials if t.trial_id in self.saved}
+        for trial_id, paths in self.saved.items():
+            older = min(self.settled.get(trial_id, 0) - 1, len(paths) - KEEP_CHECKPOINTS)
+            if older > 0 and trial_id in by_id:
+                _delete_paths(by_id[trial_id], paths[:older])
+                del paths[:older]
+            self.settled[trial_id] = len(paths)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.finished[trial.trial_id] = trial
         self._prune_below_best()
 
     def _prune_below_best(self) -> None:
-        best = self._best()
-        for trial_id, trial in list(self.finished.items()):
-            if self.score.get(trial_id, -math.inf) < best:
+        if not self.below_best:
+            return
+        for trial_id, trial in list(self.finished.items()):  # the best and its ties: few
+            if self.score.get(trial_id, -math.inf) < self.best:
                 _delete_checkpoints(trial)
                 del self.finished[trial_id]
+                self.saved.pop(trial_id, None)
+                self.settled.pop(trial_id, None)
+
+
+def _delete_paths(trial, paths: list[str]) -> None:
+    fs = trial.storage.storage_filesystem
+    for path in paths:
+        try:
+            fs.delete_dir(path)
+        except OSError:  # pruning saves disk; it must never stop a search
+            pass
 
 
 def _delete_checkpoints(trial) -> None:

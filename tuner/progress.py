@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from .results import trial_status
@@ -16,6 +17,7 @@ class Progress:
         self.start = self.last_print = time.monotonic()
         self.running: set[str] = set()
         self.status: dict[str, str] = {}  # finished trials: completed | early_stopped | diverged | errored
+        self.counts: Counter[str] = Counter()  # of status's values, kept as trials end: a line costs O(1)
         self.best: tuple[float, str, int] | None = None  # (value, trial_id, epoch)
 
     def started(self, trial_id: str) -> None:
@@ -30,14 +32,18 @@ class Progress:
             self.best = (value, trial_id, int(result.get("training_iteration", 0)))
 
     def finished(self, trial_id: str, last: dict[str, Any]) -> None:
-        self.running.discard(trial_id)
-        self.status[trial_id] = trial_status(epochs=int(last.get("training_iteration", 0)), errored=False,
-                                             diverged=bool(last.get("diverged")), max_epochs=self.max_epochs)
-        self.print_line()
+        self._ended(trial_id, trial_status(epochs=int(last.get("training_iteration", 0)), errored=False,
+                                           diverged=bool(last.get("diverged")), max_epochs=self.max_epochs))
 
     def errored(self, trial_id: str) -> None:
+        self._ended(trial_id, "errored")
+
+    def _ended(self, trial_id: str, status: str) -> None:
         self.running.discard(trial_id)
-        self.status[trial_id] = "errored"
+        if trial_id in self.status:  # a retried trial ends twice: counted once, by its last status
+            self.counts[self.status[trial_id]] -= 1
+        self.status[trial_id] = status
+        self.counts[status] += 1
         self.print_line()
 
     def tick(self) -> None:
@@ -47,8 +53,7 @@ class Progress:
     def print_line(self) -> None:
         self.last_print = time.monotonic()
         elapsed = int(self.last_print - self.start)
-        counts = {s: sum(v == s for v in self.status.values())
-                  for s in ("completed", "early_stopped", "diverged", "errored")}
+        counts = self.counts
         parts = [f"{len(self.running)} running", f"{counts['completed']} completed",
                  f"{counts['early_stopped']} stopped early"]
         parts += [f"{counts[s]} {s}" for s in ("diverged", "errored") if counts[s]]

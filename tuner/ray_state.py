@@ -2,7 +2,7 @@
 
 Ray copies its experiment state into the run folder in place, not by rename: a driver killed
 during the copy leaves the files empty, and `--resume` would restore nothing. back_up_state
-copies them aside when whole (tuner._ray.BackUpState calls it each time a trial ends);
+copies them aside when whole and changed (tuner._ray.BackUpState calls it each time a trial ends);
 repair_state puts the copy back before a resume. Files only (pyarrow's filesystems, so a URI
 storage too); no Ray.
 """
@@ -41,24 +41,75 @@ def _whole(fs: pafs.FileSystem, info: pafs.FileInfo) -> bool:
     return True
 
 
-def back_up_state(run_dir: str) -> bool:
-    fs, folder = filesystem(run_dir)
-    backup = f"{folder}/{STATE_BACKUP}"
-    try:
+class StateBackup:
+    """Copies of Ray's state files in RUN_DIR/.state-backup/, taken only when they changed.
+
+    Ray rewrites its whole state (every trial's JSON: 23 MB at 1,000 trials) when it saves,
+    every 10 s or more, or when a trial's checkpoints force it. Copying and parsing all of it each
+    time a trial ended made the backup grow with the trials already run; now a file is copied
+    only when its size or time differ from the copy taken last, so a backup costs at most one
+    copy per save of Ray's.
+
+    source: where the files are read. The run folder (default), where Ray's copy may be cut off,
+    so each changed file is checked whole first; or Ray's own staging folder on the driver, which
+    Ray writes whole in the driver's thread, the one that calls the callbacks (tuner._ray passes
+    it), so no check is needed there."""
+
+    def __init__(self, run_dir: str, source: str | None = None) -> None:
+        self.run_dir, self.source = run_dir, source
+        self.copied: dict[str, tuple[int, int]] = {}  # file name -> (size, mtime_ns) of the copy taken
+        self.names: list[str] = []  # the state files' names, listed once: not a listing per call
+        self.copies = 0  # how many times files were copied (tuner._ray.PruneCheckpoints waits for one)
+
+    def update(self) -> bool:
+        """Copy what changed; False when nothing could be copied (a damaged file: the last whole
+        copy stays) or when the copy failed (a backup must never stop a search)."""
+        fs, folder = filesystem(self.run_dir)
+        try:
+            source_fs, source = (pafs.LocalFileSystem(), self.source) if self.source else (fs, folder)
+            files = self._files(source_fs, source)
+            changed = [f for f in files if self.copied.get(f.base_name) != (f.size, f.mtime_ns)]
+            if not files or (not self.source and not all(_whole(source_fs, f) for f in changed)):
+                return False  # keep the last whole copy
+            if changed:
+                _copy_into(source_fs, changed, fs, f"{folder}/{STATE_BACKUP}")
+                self.copied.update({f.base_name: (f.size, f.mtime_ns) for f in changed})
+                self.copies += 1
+                _delete_stale(fs, f"{folder}/{STATE_BACKUP}", {info.base_name for info in files})
+            return True
+        except OSError:
+            return False
+
+    def _files(self, fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
+        """The state files: by their names once known (a folder of 1,000 trials is not listed each
+        step), listed again when one is gone or not all of them were there yet."""
+        if len(self.names) >= len(STATE_FILES):
+            infos = fs.get_file_info([f"{folder}/{name}" for name in self.names])
+            if all(info.type == pafs.FileType.File for info in infos):
+                return infos
         files = _state_files(fs, folder)
-        if not files or not all(_whole(fs, f) for f in files):
-            return False  # keep the last whole copy
-        fs.create_dir(backup)
-        for info in files:  # copy, then rename: a backup is never half-written either
-            fs.copy_file(info.path, f"{backup}/.{info.base_name}.tmp")
-            fs.move(f"{backup}/.{info.base_name}.tmp", f"{backup}/{info.base_name}")
-        names = {info.base_name for info in files}
-        for stale in _state_files(fs, backup):
-            if stale.base_name not in names:
-                fs.delete_file(stale.path)
-        return True
-    except OSError:  # a backup must never stop a search
-        return False
+        self.names = [info.base_name for info in files]
+        return files
+
+
+def _delete_stale(fs: pafs.FileSystem, backup: str, names: set[str]) -> None:
+    for stale in _state_files(fs, backup):
+        if stale.base_name not in names:
+            fs.delete_file(stale.path)
+
+
+def _copy_into(source_fs: pafs.FileSystem, files: list[pafs.FileInfo], fs: pafs.FileSystem, backup: str) -> None:
+    """Copy, then rename: a backup is never half-written either."""
+    fs.create_dir(backup)
+    for info in files:
+        pafs.copy_files(info.path, f"{backup}/.{info.base_name}.tmp", source_filesystem=source_fs,
+                        destination_filesystem=fs)
+        fs.move(f"{backup}/.{info.base_name}.tmp", f"{backup}/{info.base_name}")
+
+
+def back_up_state(run_dir: str) -> bool:
+    """A whole copy of the run folder's state files, if they are whole (StateBackup, once)."""
+    return StateBackup(run_dir).update()
 
 
 def repair_state(run_dir: str) -> str | None:

@@ -7,6 +7,11 @@ shared storage) while the search runs:
 - Ray's experiment_state-*.json: every trial's status (PENDING, RUNNING, TERMINATED, ERROR),
   saved by the driver every few seconds, so it may lag the result.json files a little;
 - search.json (the budget) and trials.parquet (the final statuses), once the search has ended.
+
+A search also appends a status index (status-index.jsonl: a line per trial started or ended, the
+ended ones with their epochs' few numbers): where it is, only it and the running trials'
+result.json are read, so `status` answers as fast with 1,000 trials ended as with 10 (it read
+each trial's result.json and Ray's 23 MB state before).
 """
 
 from __future__ import annotations
@@ -156,7 +161,13 @@ def read_status(run_dir: str | Path) -> SearchStatus:
 
 
 def _read_trials(folder: Path, budget: Budget, tables: bool = True) -> SearchStatus:
-    """The trials of one Ray experiment folder; tables: the folder may hold trials.parquet (the search's)."""
+    """The trials of one Ray experiment folder; tables: the folder may hold trials.parquet (the search's).
+    From the folder's status index when the search wrote one (the running trials' result.json
+    only), else from every trial folder and Ray's experiment state (older runs)."""
+    index = read_index(folder)
+    if index is not None:
+        trials, newest = _indexed_trials(folder, budget, index[0])
+        return _status(folder, budget, trials, newest, index[1], tables)
     ray_trials, started_at = experiment_state(folder)
     folders = trial_folders(folder)
     if not folders and not ray_trials and not (folder / storage.TRIALS_FILE).is_file():
@@ -175,6 +186,12 @@ def _read_trials(folder: Path, budget: Budget, tables: bool = True) -> SearchSta
             trials[trial_id] = TrialState(trial_id, classify([], info["status"], budget.max_epochs))
     newest = max([_mtime(p / "result.json") for p in folders] + [_mtime(p) for p in folder.glob("experiment_state-*.json")]
                  + [0.0])
+    return _status(folder, budget, trials, newest, started_at, tables)
+
+
+def _status(folder: Path, budget: Budget, trials: dict[str, TrialState], newest: float, started_at: float | None,
+            tables: bool) -> SearchStatus:
+    """The trials read live, their final statuses from trials.parquet once the search has ended."""
     live_done = bool(trials) and all(t.status not in ("running", "pending") for t in trials.values())
     final = final_statuses(folder, 0.0 if live_done else newest) if tables else None
     if final is not None:  # ended: its tables are the truth, even for trial folders since deleted
@@ -188,6 +205,68 @@ def _read_trials(folder: Path, budget: Budget, tables: bool = True) -> SearchSta
     last_update = max(newest, _mtime(folder / storage.TRIALS_FILE)) or None
     finished = final is not None or (not tables and live_done)
     return SearchStatus(folder, budget, list(trials.values()), finished, started_at, last_update)
+
+
+# ---------------------------------------------------------------------------------------------
+# the status index: a line per trial started or ended, appended by the search's driver
+# ---------------------------------------------------------------------------------------------
+
+INDEX_FIELDS = ("trial_id", "training_iteration", "timestamp", "time_total_s", "epoch_time_s", "diverged",
+                "val_acc", "val_loss")
+
+
+def index_row(result: dict[str, Any], metric: str) -> dict[str, Any]:
+    """What the screen reads of one reported epoch (best so far, epochs, epoch time, clock)."""
+    return {key: result.get(key) for key in (*INDEX_FIELDS, metric) if result.get(key) is not None}
+
+
+def index_lines(event: str, trial_id: str, *, at: float, logdir: str | None = None, ray_status: str | None = None,
+                rows: list[dict[str, Any]] | None = None) -> list[str]:
+    """The index's line for an event: 'search' (started at `at`), 'start' (of a trial, in its folder
+    logdir) or 'end' (Ray's final status and the trial's rows, by index_row)."""
+    if event == "search":
+        return [json.dumps({"search_started": at})]
+    if event == "start":
+        return [json.dumps({"trial_id": trial_id, "started": at, "logdir": logdir})]
+    return [json.dumps({"trial_id": trial_id, "ended": ray_status, "at": at, "rows": rows or []})]
+
+
+def read_index(folder: Path) -> tuple[dict[str, dict[str, Any]], float | None] | None:
+    """({trial_id: {logdir, status, rows}}, search start) from the folder's status index; rows None
+    while a trial runs (read its result.json). None when there is no index (an older run)."""
+    try:
+        text = (folder / storage.STATUS_INDEX).read_text()
+    except OSError:
+        return None
+    trials: dict[str, dict[str, Any]] = {}
+    started_at = None
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:  # the last line, caught half-written
+            continue
+        if "search_started" in event:
+            started_at = started_at or event["search_started"]
+            continue
+        entry = trials.setdefault(event["trial_id"], {"logdir": None, "status": "RUNNING", "rows": None})
+        if "started" in event:  # (again, after a retry or a resume: running again)
+            entry.update(logdir=event.get("logdir") or entry["logdir"], status="RUNNING", rows=None)
+        else:
+            entry.update(status=event.get("ended"), rows=event.get("rows") or [])
+    return trials, started_at
+
+
+def _indexed_trials(folder: Path, budget: Budget, index: dict[str, dict[str, Any]]) -> tuple[dict[str, TrialState], float]:
+    """TrialStates from the index, reading only the running trials' result.json; and the newest
+    time any live file changed."""
+    trials, live = {}, [folder / storage.STATUS_INDEX, *folder.glob("experiment_state-*.json")]
+    for trial_id, entry in index.items():
+        rows = entry["rows"]
+        if rows is None:
+            rows = storage.read_result_rows(str(folder / entry["logdir"])) if entry["logdir"] else []
+            live.append(folder / str(entry["logdir"]) / storage.RESULT_FILE)
+        trials[trial_id] = TrialState(trial_id, classify(rows, entry["status"], budget.max_epochs), rows)
+    return trials, max(_mtime(path) for path in live)
 
 
 def _history_by_trial(folder: Path) -> dict[str, list[dict[str, Any]]]:

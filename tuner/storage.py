@@ -3,6 +3,8 @@ names, where the refit model lives (best/), and how its files are written and re
 
     RUN_DIR/search.json        the space, base config and budget      (written by search, first)
     RUN_DIR/trial_*/result.json one JSON line per epoch                (written by Ray Tune)
+    RUN_DIR/status-index.jsonl a line per trial started or ended       (appended by search as trials go;
+                                                                        `status` reads it, not every trial)
     RUN_DIR/trials.parquet     a row per trial                         (written by search, at the end)
     RUN_DIR/history.parquet    a row per trial-epoch                   (written by search, at the end)
     RUN_DIR/summary.json       the best trial and the epochs spent     (written by search, at the end)
@@ -31,6 +33,7 @@ TRIALS_FILE = "trials.parquet"
 CONFIRM_DIR = "confirm"  # the confirmation runs' Ray experiment (tuner/confirm.py), inside the run folder
 HISTORY_FILE = "history.parquet"
 RESULT_FILE = "result.json"    # Ray Tune's, in each trial's folder
+STATUS_INDEX = "status-index.jsonl"  # tuner.status's index of the trials (tuner._ray.StatusIndex appends it)
 
 
 def is_uri(path: str) -> bool:
@@ -86,6 +89,17 @@ def write_file(run_dir: str, name: str, data: bytes) -> None:
 
 def write_json(run_dir: str, name: str, value: Any) -> None:
     write_file(run_dir, name, json.dumps(value, indent=2, default=str).encode())
+
+
+def append_lines(run_dir: str, name: str, lines: Iterable[str]) -> None:
+    """Lines appended to a file of a local run folder, each whole (one write, flushed): a reader
+    may see the last one cut off, never one mixed with another. URIs cannot be appended to: skipped."""
+    if is_uri(run_dir):
+        return
+    text = "".join(line + "\n" for line in lines)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)  # Ray makes the folder: maybe not yet at the search's start
+    with open(Path(run_dir, name), "a") as out:
+        out.write(text)
 
 
 def write_tables(run_dir: str, trials: list[dict[str, Any]], history: list[dict[str, Any]]) -> None:

@@ -27,8 +27,9 @@ class Plot:
 
 def plots(study: optuna.Study) -> list[Plot]:
     return [
-        Plot("learning_curves.png", "Validation accuracy per epoch of every trial; a cross marks where "
-               "ASHA stopped a trial, a circle a trial that ran all its epochs.", plot_learning_curves),
+        Plot("learning_curves.png", "Validation accuracy per epoch of every trial (with more than 25, the "
+               "best 20 in colour, the others grey); a cross marks where ASHA stopped a trial, a circle a "
+               "trial that ran all its epochs.", plot_learning_curves),
         Plot("best_vs_time.png", "Best validation accuracy found so far against wall-clock time.",
                plot_best_vs_time),
         Plot("best_vs_epochs.png", "Best validation accuracy found so far against the epochs spent by all "
@@ -40,7 +41,8 @@ def plots(study: optuna.Study) -> list[Plot]:
                "grey dots fail the constraints.", plot_front, applies=has_front),
         Plot("importance.png", "Hyperparameter importance from Optuna's evaluators, on the trials' best "
                "validation scores.", lambda run: plot_importance(run, study)),
-        Plot("parallel_coordinates.png", "Parallel coordinates (Optuna): each line one trial.",
+        Plot("parallel_coordinates.png", "Parallel coordinates (Optuna): each line one trial (with more than "
+               "100, the best 100).",
                lambda run: plot_parallel(run, study)),
         Plot("slices.png", "Each trial's best score against each hyperparameter.", plot_slices),
         Plot("refit_curves.png", "The refit of the best configuration on train + validation.", plot_refit),

@@ -50,21 +50,39 @@ def plot_importance(run: Run, study: optuna.Study):
     return fig
 
 
+PARALLEL_TRIALS = 100  # lines of the parallel coordinates: the best ones when there are more
+
+
 def plot_parallel(run: Run, study: optuna.Study):
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(complete) < 2 or not study.best_trial.params:
         return None
     pyplot()
+    shown = _best_trials_study(study, complete) if len(complete) > PARALLEL_TRIALS else study
     with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
         warnings.simplefilter("ignore")
         ax = optuna.visualization.matplotlib.plot_parallel_coordinate(
-            study, target_name=_objective(run))
+            shown, target_name=_objective(run))
     fig = ax.figure
     fig.set_size_inches(9, 5)
-    ax.set_title(f"Parallel coordinates: each line one trial, coloured by its best {run.metric}", pad=14)
+    which = f"the best {PARALLEL_TRIALS} of {len(complete)} trials" if shown is not study else "each line one trial"
+    ax.set_title(f"Parallel coordinates: {which}, coloured by its best {run.metric}", pad=14)
     ax.set_xlabel("hyperparameter (each axis in its own units; log-scaled params on a log axis)")
     ax.set_ylabel(_objective(run))
     return fig
+
+
+def _best_trials_study(study: optuna.Study, complete: list[optuna.trial.FrozenTrial]) -> optuna.Study:
+    """A study of the best PARALLEL_TRIALS complete trials: 1,000 lines are one blot of colour."""
+    best = sorted(complete, key=lambda t: t.value, reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        shown = optuna.create_study(direction=study.direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    shown.add_trials(best[:PARALLEL_TRIALS])
+    return shown
 
 
 def plot_slices(run: Run):
@@ -99,7 +117,9 @@ def _slice(ax, run: Run, name: str, distribution, rng) -> None:
         x = [t[f"config/{name}"] for t in chosen]
         if categorical:  # positions of the choices, jittered so equal values stay visible
             x = [distribution.choices.index(v) + rng.uniform(-0.15, 0.15) for v in x]
-        ax.scatter(x, [t[f"best_{run.metric}"] for t in chosen], color=colour, marker=marker, s=25, label=text)
+        size, alpha = (25, 1.0) if len(run.trials) <= 100 else (8, 0.5)  # 1,000 points: smaller, see-through
+        ax.scatter(x, [t[f"best_{run.metric}"] for t in chosen], color=colour, marker=marker, s=size, alpha=alpha,
+                   label=text)
     if categorical:
         ax.set_xticks(range(len(distribution.choices)), [str(c) for c in distribution.choices])
     elif getattr(distribution, "log", False):

@@ -1,0 +1,296 @@
+"""The search driver at scale: 100, 300 and 1,000 near-free trials, `tune-resnet search` against
+the same search written by hand with Ray Tune + OptunaSearch + ASHA (issue 22).
+
+Each trial is nearly free (a ResNet-8 of width 4 on 64 images of 16 px, ASHA over 2 epochs), so
+what the wall time measures is the driver: Ray Tune's loop, Optuna's sampler, the service's
+callbacks and files. Both modes run on one shared Ray instance, alternated, with the same space
+(TPE over 4 parameters, multivariate with the constant liar, same seed), 2 trials at a time. The
+hand-written script uses no `tuner` code: a function trainable that trains with the same
+Trainer and reports each epoch with a checkpoint, OptunaSearch + ASHAScheduler, and
+`reuse_actors=True` (as the service: without it every trial would pay a fresh process, and the
+script would measure Python start-up rather than Ray and Optuna).
+
+For each search: wall time and the time of each block of 100 trials (by when they ended), the
+driver process's CPU time per trial, the start gap (from a free slot to the next trial's first
+step), the time of each Optuna sample against the trials it had seen (Ray's OptunaSearch.suggest,
+timed in the driver), the bytes the driver wrote and those left in the run folder per trial, and
+for the service `tune-resnet status` and `tune-resnet report` on the run, in a fresh process.
+
+    python bench/many_trials.py --trials 100 300 1000 --json /tmp/many.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import ray
+import torch
+import yaml
+from PIL import Image
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from trainables.config import TrainConfig
+from trainables.data import load_data, make_splits
+from trainables.train import Trainer
+
+CONCURRENT = 2
+SPACE = {
+    "name": "many",
+    "data": {"dataset": "imagefolder", "val_fraction": 0.2, "input_size": 16},
+    "budget": {"max_epochs": 2, "grace_period": 1, "reduction_factor": 2},
+    "sampler": {"type": "tpe", "seed": 0},
+    "trial": {"cpus": 1, "gpus": 0},
+    "params": {"lr": {"loguniform": [1.0e-3, 1.0]}, "weight_decay": {"loguniform": [1.0e-6, 1.0e-2]},
+               "batch_size": {"choice": [16, 32]}, "label_smoothing": {"uniform": [0.0, 0.2]}},
+    "fixed": {"arch": "cifar_resnet", "depth": 8, "width": 4, "schedule": "constant", "augment": "none",
+              "eval_batch_size": 64},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: 80 coloured images in 4 classes (64 to train, 16 to validate), the space
+# ---------------------------------------------------------------------------------------------
+
+def write_images(root: Path, per_class: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", 4)):
+        for channel, name in enumerate(("red", "green", "blue", "grey")):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                image = rng.integers(0, 90, (16, 16, 3), dtype=np.uint8)
+                image[..., channel % 3] += np.uint8(120 if channel < 3 else 60)
+                Image.fromarray(image).save(folder / f"{name}_{i:03d}.png")
+    return root
+
+
+def write_space(work: Path, images: Path) -> Path:
+    spec = {**SPACE, "data": {**SPACE["data"], "path": str(images)}}
+    path = work / "space.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing Optuna's sampling, in both modes: Ray's OptunaSearch.suggest, in the driver
+# ---------------------------------------------------------------------------------------------
+
+SAMPLES: list[tuple[int, float]] = []  # (trials the study had, seconds of suggest)
+
+
+def time_suggest() -> None:
+    original = OptunaSearch.suggest
+
+    def suggest(self, trial_id):
+        seen = len(self._ot_study._storage.get_all_trials(self._ot_study._study_id, deepcopy=False))
+        start = time.perf_counter()
+        out = original(self, trial_id)
+        SAMPLES.append((seen, time.perf_counter() - start))
+        return out
+
+    OptunaSearch.suggest = suggest
+
+
+# ---------------------------------------------------------------------------------------------
+# The hand-written script: Ray Tune + OptunaSearch + ASHA, no tuner code
+# ---------------------------------------------------------------------------------------------
+
+def hand_trainable(params, *, base):
+    started = time.time()
+    torch.set_num_threads(1)
+    config = TrainConfig.from_dict({**base, **params})
+    data = load_data(config.dataset, config.data_path, input_size=config.input_size)
+    trainer = Trainer(config, make_splits(data, val_fraction=config.val_fraction, seed=config.seed))
+    for metrics in trainer.epochs():
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(trainer.state_dict(), os.path.join(folder, "checkpoint.pt"))
+            tune.report({**metrics.to_dict(), "started_at": started, "reported_at": time.time(), "pid": os.getpid()},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def hand_space(trial: optuna.Trial) -> None:
+    trial.suggest_float("lr", 1.0e-3, 1.0, log=True)
+    trial.suggest_float("weight_decay", 1.0e-6, 1.0e-2, log=True)
+    trial.suggest_categorical("batch_size", [16, 32])
+    trial.suggest_float("label_smoothing", 0.0, 0.2)
+
+
+def run_hand(base: dict, storage: Path, name: str, trials: int) -> None:
+    sampler = optuna.samplers.TPESampler(seed=0, multivariate=True, constant_liar=True)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(hand_trainable, base=base), {"cpu": 1}),
+        tune_config=tune.TuneConfig(
+            search_alg=OptunaSearch(space=hand_space, metric="val_acc", mode="max", sampler=sampler),
+            scheduler=ASHAScheduler(metric="val_acc", mode="max", max_t=2, grace_period=1, reduction_factor=2),
+            num_samples=trials, max_concurrent_trials=CONCURRENT, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+    tuner.fit()
+
+
+def run_service(space: Path, storage: Path, name: str, trials: int) -> None:
+    from tuner.search import SearchOptions, run
+
+    run(SearchOptions(space=str(space), storage=str(storage), name=name, num_samples=trials,
+                      max_concurrent=CONCURRENT, refit=False), say=lambda line: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a search left: per-trial times from each trial's result.json (the same in both modes)
+# ---------------------------------------------------------------------------------------------
+
+def trial_times(run_dir: Path) -> list[dict]:
+    """{started_at, ended_at, pid} per trial that reported, from Ray's result.json files."""
+    out = []
+    for path in run_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            out.append({"started_at": rows[0]["started_at"], "ended_at": rows[-1]["reported_at"],
+                        "pid": rows[-1].get("pid")})
+    return sorted(out, key=lambda t: t["started_at"])
+
+
+def block_times(trials: list[dict], began: float, block: int = 100) -> list[float]:
+    """Seconds each block of `block` trials took, by when they ended (the first from the start)."""
+    ends = sorted(t["ended_at"] for t in trials)
+    marks = [began] + [ends[i - 1] for i in range(block, len(ends) + 1, block)]
+    return [round(b - a, 2) for a, b in zip(marks, marks[1:])]
+
+
+def start_gaps(trials: list[dict], began: float) -> list[float]:
+    """From the moment a slot was free (the start, or the end of the trial that held it) to the
+    next trial's first step, in start order."""
+    slots, gaps = [began] * CONCURRENT, []
+    for trial in trials:
+        free = heapq.heappop(slots)
+        heapq.heappush(slots, trial["ended_at"])
+        gaps.append(max(0.0, trial["started_at"] - free))
+    return gaps
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def written_bytes() -> int:
+    """Bytes this process has written (to storage, not the page cache only), from /proc."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# One search, measured
+# ---------------------------------------------------------------------------------------------
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(mode: str, trials: int, work: Path, space: Path, base: dict) -> dict:
+    name = f"{mode}-{trials}"
+    SAMPLES.clear()
+    cpu, wrote, began = cpu_seconds(), written_bytes(), time.time()
+    if mode == "service":
+        run_service(space, work, name, trials)
+    else:
+        run_hand(base, work, name, trials)
+    wall = time.time() - began
+    times = trial_times(work / name)
+    blocks = block_times(times, began)
+    out = {"mode": mode, "trials": trials, "reported": len(times), "wall_s": round(wall, 1),
+           "trials_done_s": round(max((t["ended_at"] for t in times), default=began) - began, 1),
+           "block_s": blocks, "ratio_last_vs_second_block": round(blocks[-1] / blocks[1], 2) if len(blocks) > 2 else None,
+           "driver_cpu_ms_per_trial": round(1000 * (cpu_seconds() - cpu) / trials, 1),
+           **gap_figures(start_gaps(times, began)), **sample_figures(trials),
+           "driver_kb_written_per_trial": round((written_bytes() - wrote) / trials / 1024, 1),
+           "folder_kb_per_trial": round(folder_bytes(work / name) / trials / 1024, 1)}
+    if mode == "service":
+        out.update(cli_seconds(work / name))
+    return out
+
+
+def gap_figures(gaps: list[float]) -> dict:
+    tail = gaps[-100:] or [0.0]
+    return {"start_gap_median_s": round(statistics.median(gaps or [0.0]), 3),
+            "start_gap_last100_median_s": round(statistics.median(tail), 3)}
+
+
+def sample_figures(trials: int) -> dict:
+    """Median seconds of a sample by how many trials the study had seen, per tenth of the search."""
+    step = max(1, trials // 10)
+    by_tenth = {}
+    for low in range(0, trials, step):
+        inside = [s for seen, s in SAMPLES if low <= seen < low + step]
+        if inside:
+            by_tenth[low] = round(1000 * statistics.median(inside), 2)
+    return {"sample_ms_by_trials_seen": by_tenth, "samples": len(SAMPLES)}
+
+
+def cli_seconds(run_dir: Path) -> dict:
+    """`tune-resnet status` and `tune-resnet report`, each in a fresh process as a person runs them."""
+    out = {}
+    for command in ("status", "report"):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "tuner.cli", command, str(run_dir)], capture_output=True, text=True)
+        out[f"{command}_s"] = round(time.perf_counter() - start, 2)
+        if done.returncode:
+            out[f"{command}_error"] = (done.stdout + done.stderr)[-500:]
+    return out
+
+
+def profiled(prefix: str | None, name: str, function, *args):
+    """function(*args), under cProfile (the driver's CPU time, not wall time) when prefix is given."""
+    if not prefix:
+        return function(*args)
+    import cProfile
+
+    profile = cProfile.Profile(time.process_time)
+    try:
+        return profile.runcall(function, *args)
+    finally:
+        profile.dump_stats(f"{prefix}-{name}.prof")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--modes", nargs="+", default=["service", "hand"], choices=["service", "hand"])
+    parser.add_argument("--work", help="folder for the runs (default: a fresh temporary folder)")
+    parser.add_argument("--json")
+    parser.add_argument("--profile", help="write a cProfile of the driver (CPU time) of each search to PROFILE-MODE-N.prof")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-many-")).resolve()
+    images = write_images(work / "images")
+    space = write_space(work, images)
+    base = {**SPACE["fixed"], "dataset": "imagefolder", "data_path": str(images), "input_size": 16,
+            "val_fraction": 0.2, "seed": 0, "epochs": 2}
+    load_data("imagefolder", str(images), input_size=16)  # both start with the cache built
+    ray.init(num_cpus=CONCURRENT, include_dashboard=False, log_to_driver=False)
+    time_suggest()
+    results = []
+    for trials in args.trials:
+        for mode in args.modes:
+            results.append(profiled(args.profile, f"{mode}-{trials}", measure, mode, trials, work, space, base))
+            print(json.dumps(results[-1]), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"work": str(work), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
