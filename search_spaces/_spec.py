@@ -174,6 +174,9 @@ class SamplerSpec(_Section):
     n_startup_trials: NonNegativeInt | None = None  # tpe/cmaes/gp random warm-up; None = Optuna's default
     multivariate: bool = True  # tpe only
     population_size: int | None = Field(None, ge=2)  # nsga2 only: trials per generation; None = Optuna's 50
+    # tpe only: past this many trials, TPE models the best `window // 5` and the latest rest, so a
+    # sample costs the same at trial 1,000 as at 300 (bench/many_trials.py); null: every trial
+    window: PositiveInt | None = 300
 
 
 class TrialSpec(_Section):

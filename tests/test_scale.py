@@ -112,9 +112,10 @@ def write_index(run: Path) -> None:
     lines = status.index_lines("search", "", at=T0)
     for trial_id, (values, ray_status) in LIVE.items():
         lines += status.index_lines("start", trial_id, at=T0, logdir=f"trial_fn_{trial_id}_00000")
+        for row in epoch_rows(trial_id, values, T0):
+            lines += status.index_lines("epoch", trial_id, at=T0, row=status.index_row(row, "val_acc"))
         if ray_status != "RUNNING":
-            rows = [status.index_row(r, "val_acc") for r in epoch_rows(trial_id, values, T0)]
-            lines += status.index_lines("end", trial_id, at=T0 + 10, ray_status=ray_status, rows=rows)
+            lines += status.index_lines("end", trial_id, at=T0 + 10, ray_status=ray_status)
     lines.append('{"trial_id": "aaaa0005", "star')  # a line caught half-written
     storage.append_lines(str(run), storage.STATUS_INDEX, lines)
 
@@ -127,7 +128,7 @@ def test_status_from_the_index_gives_the_screen_of_the_trial_folders(tmp_path, i
     write_search_json(run, image_folder)
     before = format_status(status.read_status(run), now=T0 + 100)
     write_index(run)
-    for trial_id in ("aaaa0001", "aaaa0002", "aaaa0007", "aaaa0008"):  # ended: their folders are not read
+    for trial_id in LIVE:  # the index says it all: the trial folders are not read
         (run / f"trial_fn_{trial_id}_00000" / "result.json").write_text("not read\n")
     (run / STATE).write_text("not read either")
     after = format_status(status.read_status(run), now=T0 + 100)
@@ -181,3 +182,40 @@ def test_report_of_300_trials_highlights_the_best_and_keeps_legends_short(big_ru
     fig = plot_parallel(run, build_study(run))
     assert f"the best {PARALLEL_TRIALS} of 300" in fig.axes[0].get_title()
     assert len(fig.axes[0].collections[0].get_segments()) == PARALLEL_TRIALS
+
+
+# ---------------------------------------------------------------------------------------------
+# TPE with a bounded cost: itself up to its window, a bounded set of trials past it
+# ---------------------------------------------------------------------------------------------
+
+def study_with(n: int, sampler):
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    rng = random.Random(0)
+    study.add_trials([optuna.trial.create_trial(params={"x": rng.random()}, distributions={"x": FloatDistribution(0, 1)},
+                                                value=rng.random()) for _ in range(n)])
+    return study
+
+
+def test_windowed_tpe_is_tpe_up_to_its_window_and_bounded_past_it():
+    import optuna
+
+    from search_spaces._sampler import WindowedTPESampler, _Windowed
+
+    def draws(sampler, n):
+        study = study_with(n, sampler)
+        return [study.ask().suggest_float("x", 0, 1) for _ in range(3)]
+
+    plain = optuna.samplers.TPESampler(seed=0, multivariate=True, constant_liar=True)
+    windowed = WindowedTPESampler(window=50, seed=0, multivariate=True, constant_liar=True)
+    assert draws(windowed, 40) == draws(plain, 40)
+    study = study_with(200, None)
+    kept = _Windowed(study, 50)._get_trials(deepcopy=False)
+    assert len(kept) <= 50
+    best = sorted(study.trials, key=lambda t: -t.value)[:10]
+    assert {t.number for t in best} <= {t.number for t in kept}  # the best kept, with the latest
+    assert study.trials[-1].number in {t.number for t in kept}
+    assert len(draws(windowed, 200)) == 3

@@ -8,10 +8,11 @@ shared storage) while the search runs:
   saved by the driver every few seconds, so it may lag the result.json files a little;
 - search.json (the budget) and trials.parquet (the final statuses), once the search has ended.
 
-A search also appends a status index (status-index.jsonl: a line per trial started or ended, the
-ended ones with their epochs' few numbers): where it is, only it and the running trials'
-result.json are read, so `status` answers as fast with 1,000 trials ended as with 10 (it read
-each trial's result.json and Ray's 23 MB state before).
+A search also appends a status index (status-index.jsonl: a line when a trial starts, reports an
+epoch (the few numbers the screen shows) and ends, written by the driver as it happens). Where
+it is, only it is read: `status` answers as fast with 1,000 trials ended as with 10 (it read
+each trial's result.json and Ray's 23 MB state before), and is current, where the run folder's
+result.json files and state are Ray's copies, made every 10 s or more.
 """
 
 from __future__ import annotations
@@ -221,19 +222,22 @@ def index_row(result: dict[str, Any], metric: str) -> dict[str, Any]:
 
 
 def index_lines(event: str, trial_id: str, *, at: float, logdir: str | None = None, ray_status: str | None = None,
-                rows: list[dict[str, Any]] | None = None) -> list[str]:
+                row: dict[str, Any] | None = None) -> list[str]:
     """The index's line for an event: 'search' (started at `at`), 'start' (of a trial, in its folder
-    logdir) or 'end' (Ray's final status and the trial's rows, by index_row)."""
+    logdir), 'epoch' (a report: its index_row) or 'end' (Ray's final status)."""
     if event == "search":
         return [json.dumps({"search_started": at})]
     if event == "start":
         return [json.dumps({"trial_id": trial_id, "started": at, "logdir": logdir})]
-    return [json.dumps({"trial_id": trial_id, "ended": ray_status, "at": at, "rows": rows or []})]
+    if event == "epoch":
+        return [json.dumps({"trial_id": trial_id, "row": row})]
+    return [json.dumps({"trial_id": trial_id, "ended": ray_status, "at": at})]
 
 
 def read_index(folder: Path) -> tuple[dict[str, dict[str, Any]], float | None] | None:
-    """({trial_id: {logdir, status, rows}}, search start) from the folder's status index; rows None
-    while a trial runs (read its result.json). None when there is no index (an older run)."""
+    """({trial_id: {logdir, status, rows}}, search start) from the folder's status index: Ray's
+    status of each trial (RUNNING until it ended) and its reported epochs, a repeated epoch (a
+    retry's) by its later report. None when there is no index (an older run)."""
     try:
         text = (folder / storage.STATUS_INDEX).read_text()
     except OSError:
@@ -248,24 +252,23 @@ def read_index(folder: Path) -> tuple[dict[str, dict[str, Any]], float | None] |
         if "search_started" in event:
             started_at = started_at or event["search_started"]
             continue
-        entry = trials.setdefault(event["trial_id"], {"logdir": None, "status": "RUNNING", "rows": None})
-        if "started" in event:  # (again, after a retry or a resume: running again)
-            entry.update(logdir=event.get("logdir") or entry["logdir"], status="RUNNING", rows=None)
+        entry = trials.setdefault(event["trial_id"], {"logdir": None, "status": "RUNNING", "rows": {}})
+        if "row" in event:
+            entry["rows"][int(event["row"].get("training_iteration", len(entry["rows"]) + 1))] = event["row"]
+        elif "started" in event:  # (again, after a retry or a resume: running again)
+            entry.update(logdir=event.get("logdir") or entry["logdir"], status="RUNNING")
         else:
-            entry.update(status=event.get("ended"), rows=event.get("rows") or [])
+            entry["status"] = event.get("ended")
+    for entry in trials.values():
+        entry["rows"] = [entry["rows"][epoch] for epoch in sorted(entry["rows"])]
     return trials, started_at
 
 
 def _indexed_trials(folder: Path, budget: Budget, index: dict[str, dict[str, Any]]) -> tuple[dict[str, TrialState], float]:
-    """TrialStates from the index, reading only the running trials' result.json; and the newest
-    time any live file changed."""
-    trials, live = {}, [folder / storage.STATUS_INDEX, *folder.glob("experiment_state-*.json")]
-    for trial_id, entry in index.items():
-        rows = entry["rows"]
-        if rows is None:
-            rows = storage.read_result_rows(str(folder / entry["logdir"])) if entry["logdir"] else []
-            live.append(folder / str(entry["logdir"]) / storage.RESULT_FILE)
-        trials[trial_id] = TrialState(trial_id, classify(rows, entry["status"], budget.max_epochs), rows)
+    """TrialStates from the index alone; and the newest time a live file of the run changed."""
+    trials = {trial_id: TrialState(trial_id, classify(entry["rows"], entry["status"], budget.max_epochs), entry["rows"])
+              for trial_id, entry in index.items()}
+    live = [folder / storage.STATUS_INDEX, *folder.glob("experiment_state-*.json")]
     return trials, max(_mtime(path) for path in live)
 
 
