@@ -254,6 +254,65 @@ def cli_seconds(run_dir: Path) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Resume at scale: the CLI killed (SIGKILL of its process group) at about half its trials, resumed
+# ---------------------------------------------------------------------------------------------
+
+def index_events(run_dir: Path) -> list[dict]:
+    try:
+        lines = (run_dir / "status-index.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def cli_search(space: Path, work: Path, name: str, trials: int, *extra: str) -> subprocess.Popen:
+    """`tune-resnet search` in its own process group (its embedded Ray with it), output to a log."""
+    command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(work),
+               "--name", name, "--num-samples", str(trials), "--max-concurrent", str(CONCURRENT), "--cpus",
+               str(CONCURRENT), "--no-refit", *extra]
+    log = open(work / f"{name}{'-resumed' if extra else ''}.log", "w")
+    return subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def kill_and_resume(space: Path, work: Path, trials: int) -> dict:
+    """A search killed once half its trials ended, then resumed: trials in the end, trials run
+    twice (started again after they ended), and the resume's start-up (launch to its first trial)."""
+    import signal
+
+    name, run_dir = f"resume-{trials}", work / f"resume-{trials}"
+    driver = cli_search(space, work, name, trials)
+    while driver.poll() is None and sum("ended" in e for e in index_events(run_dir)) < trials // 2:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    ended_before = {e["trial_id"] for e in index_events(run_dir) if "ended" in e}
+    seen, launched = len(index_events(run_dir)), time.time()
+    resumed = cli_search(space, work, name, trials, "--resume")
+    first_start = None
+    while resumed.poll() is None:
+        if first_start is None and any("started" in e for e in index_events(run_dir)[seen:]):
+            first_start = time.time() - launched
+        time.sleep(0.2)
+    output = (work / f"{name}-resumed.log").read_text()
+    rows = [json.loads(line) for line in subprocess.run(
+        [sys.executable, "-c", f"import pyarrow.parquet as pq, json; [print(json.dumps(r)) for r in "
+         f"pq.read_table('{run_dir}/trials.parquet', columns=['trial_id', 'epochs']).to_pylist()]"],
+        capture_output=True, text=True).stdout.splitlines()]
+    again = {e["trial_id"] for e in index_events(run_dir)[seen:] if "started" in e} & ended_before
+    return {"mode": "kill+resume", "trials": trials, "ended_before_kill": len(ended_before),
+            "trials_in_table": len(rows), "distinct_trial_ids": len({r["trial_id"] for r in rows}),
+            "ended_trials_run_again": len(again), "resume_startup_s": round(first_start or -1, 1),
+            "resume_wall_s": round(time.time() - launched, 1), "resume_exit": resumed.returncode,
+            "restored_backup": "restored the copy" in output}
+
+
 def profiled(prefix: str | None, name: str, function, *args):
     """function(*args), under cProfile (the driver's CPU time, not wall time) when prefix is given."""
     if not prefix:
@@ -272,6 +331,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--modes", nargs="+", default=["service", "hand"], choices=["service", "hand"])
     parser.add_argument("--work", help="folder for the runs (default: a fresh temporary folder)")
+    parser.add_argument("--kill-resume", type=int, metavar="N", help="instead: a search of N trials (the CLI) killed at half and resumed")
     parser.add_argument("--json")
     parser.add_argument("--profile", help="write a cProfile of the driver (CPU time) of each search to PROFILE-MODE-N.prof")
     args = parser.parse_args()
@@ -281,6 +341,12 @@ def main() -> None:
     base = {**SPACE["fixed"], "dataset": "imagefolder", "data_path": str(images), "input_size": 16,
             "val_fraction": 0.2, "seed": 0, "epochs": 2}
     load_data("imagefolder", str(images), input_size=16)  # both start with the cache built
+    if args.kill_resume:  # the CLI's own Ray, alone on the machine
+        results = [kill_and_resume(space, work, args.kill_resume)]
+        print(json.dumps(results[0]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"work": str(work), "results": results}, indent=2))
+        return
     ray.init(num_cpus=CONCURRENT, include_dashboard=False, log_to_driver=False)
     time_suggest()
     results = []

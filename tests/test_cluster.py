@@ -379,6 +379,7 @@ deadline = time.monotonic() + 90
 while sum(n["Alive"] for n in ray.nodes()) < 2 and time.monotonic() < deadline:
     time.sleep(0.2)
 print(json.dumps({"node_ids": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+                  "head_id": next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"]),
                   "cluster": dataclasses.asdict(_ray._describe(embedded=False)),
                   "missing_there": _ray.nodes_missing(sys.argv[2]),
                   "missing_absent": _ray.nodes_missing(sys.argv[2] + ".absent")}))
@@ -495,3 +496,83 @@ def test_search_with_a_uri_storage_uploads_tables_checkpoints_and_model(local_cl
     assert metrics["epochs"] == 1 and metrics["search_val_acc"] == pytest.approx(summary["best_val_acc"])
     for name in ("weights.safetensors", "config.json", "labels.txt", "model.pt2"):
         assert (best / name).is_file(), name
+
+
+# ---------------------------------------------------------------------------------------------
+# A node lost mid-search: its trials go on, from their checkpoints, on the node left
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cluster_to_break():
+    """Head + worker of their own (this test kills the worker), 1 CPU each."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="trk-", dir="/tmp"))
+    env = child_env()
+    port, dashboard_port = free_ports(2)
+    nodes = [start_node(temp_dir, temp_dir / "head.log", env, "--head", "--port", str(port),
+                        "--include-dashboard", "false", "--dashboard-port", str(dashboard_port))]
+    try:
+        wait_for_port(port, 60)
+        nodes.append(start_node(temp_dir, temp_dir / "worker.log", env, "--address", f"127.0.0.1:{port}"))
+        facts = probe(f"127.0.0.1:{port}", temp_dir)
+        yield {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "nodes": nodes, "env": env, **facts}
+    finally:
+        stop(nodes, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def index_events(run_dir: Path) -> list[dict]:
+    """The search's status index (tuner/status.py), current: written by the driver as trials go."""
+    try:
+        lines = (run_dir / "status-index.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def wait_for(condition, timeout_s: float, driver: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert driver.poll() is None, driver.stdout.read()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break, image_folder, tmp_path):
+    """SIGKILL to the worker node (its raylet and trial processes) while a trial trains there:
+    Ray retries the trial on the head from its last checkpoint; the search ends with exactly
+    num_samples trials, none run twice, the restart counted; then the node comes back."""
+    cluster = cluster_to_break
+    worker_id = next(n for n in cluster["node_ids"] if n != cluster["head_id"])
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 4, "max_epochs": 4, "grace_period": 4},
+                        trial={"cpus": 1, "gpus": 0, "hook": "trial_hooks:Pause", "hook_args": {"sleep_s": 1.0}})
+    run_dir = tmp_path / "runs" / "lost"
+    command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--address", cluster["address"],
+               "--storage", str(tmp_path / "runs"), "--name", "lost", "--no-refit"]
+    driver = subprocess.Popen(command, env=cluster["env"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        on_worker = lambda: [e["trial_id"] for e in index_events(run_dir)  # noqa: E731
+                             if e.get("row", {}).get("node_id") == worker_id and e["row"]["training_iteration"] >= 1]
+        wait_for(on_worker, 240, driver)
+        lost = on_worker()[0]
+        os.killpg(cluster["nodes"][1].pid, signal.SIGKILL)  # `ray start --block` and what it started
+        cluster["nodes"][1].wait()
+        restarted = lambda: sum(e.get("trial_id") == lost and "started" in e for e in index_events(run_dir)) >= 2  # noqa: E731
+        wait_for(restarted, 180, driver)
+        cluster["nodes"].append(start_node(cluster["temp_dir"], cluster["temp_dir"] / "worker-back.log",
+                                           cluster["env"], "--address", cluster["address"]))  # the node comes back
+        output = driver.communicate(timeout=400)[0]
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output
+    trials, history, summary = run_tables(run_dir)
+    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4  # exactly num_samples
+    assert summary["by_status"]["completed"] == 4
+    by_id = {t["trial_id"]: t for t in trials}
+    assert by_id[lost]["retries"] >= 1 and summary["retries"] == sum(t["retries"] for t in trials)
+    assert by_id[lost]["node_id"] != worker_id  # it ended elsewhere
+    assert "restarts from a checkpoint" in output
+    for trial_id in by_id:  # no epoch trained twice: the retry went on from its checkpoint
+        epochs = [h["training_iteration"] for h in history if h["trial_id"] == trial_id]
+        assert epochs == [1, 2, 3, 4], (trial_id, epochs)

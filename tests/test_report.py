@@ -86,7 +86,7 @@ def generated_run(tmp_path_factory, image_folder, image_data, tiny_config) -> Pa
         history = epoch_rows(trial_id, values, T0 + 4 * i, diverged=ending == "diverged")
         records.append(SimpleNamespace(trial_id=trial_id, params=params, history=history,
                                        error="RuntimeError: boom" if ending == "errored" else None,
-                                       path=str(folder / f"trial_{trial_id}"), checkpoint_path=None))
+                                       path=str(folder / f"trial_{trial_id}"), checkpoint_path=None, retries=0))
     found = results.collect(records, metric="val_acc", mode="max", max_epochs=MAX_EPOCHS, num_samples=len(TRIALS))
     results.write(found, str(folder))
     write_search_json(folder, image_folder)
@@ -155,7 +155,7 @@ def test_report_shows_how_well_ashas_rungs_ranked(rendered):
 def write_run(folder: Path, image_folder: Path, curves: dict[str, tuple[dict, list[float]]], params: dict) -> Path:
     """A search's tables from val_acc curves (a curve cut short: a trial ASHA stopped) and its search.json."""
     records = [SimpleNamespace(trial_id=trial_id, params=config, history=epoch_rows(trial_id, values, T0 + 4 * i),
-                               error=None, path=str(folder / f"trial_{trial_id}"), checkpoint_path=None)
+                               error=None, path=str(folder / f"trial_{trial_id}"), checkpoint_path=None, retries=0)
                for i, (trial_id, (config, values)) in enumerate(curves.items())]
     results.write(results.collect(records, metric="val_acc", mode="max", max_epochs=MAX_EPOCHS,
                                   num_samples=len(curves)), str(folder))

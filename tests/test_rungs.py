@@ -26,7 +26,7 @@ def tables(curves: dict[str, tuple[dict, list[float]]], *, max_epochs: int, endi
                    for e, v in enumerate(values, start=1)]
         records.append(SimpleNamespace(trial_id=trial_id, params=params, history=history, path=f"/runs/{trial_id}",
                                        error="boom" if ending.get(trial_id) == "errored" else None,
-                                       checkpoint_path=None))
+                                       checkpoint_path=None, retries=0))
     found = results.collect(records, metric="val_acc", mode="max", max_epochs=max_epochs, num_samples=len(curves))
     return found.trials, found.history
 

@@ -140,7 +140,7 @@ def test_status_of_a_finished_search_with_an_index_reads_its_tables(tmp_path, im
     run = tmp_path / "done"
     write_index(run)
     records = [SimpleNamespace(trial_id=t, params=TRIALS[t][0], history=epoch_rows(t, v, T0), error=None,
-                               path=str(run / t), checkpoint_path=None) for t, (v, _) in LIVE.items()]
+                               path=str(run / t), checkpoint_path=None, retries=0) for t, (v, _) in LIVE.items()]
     results.write(results.collect(records, metric="val_acc", mode="max", max_epochs=3, num_samples=8), str(run))
     write_search_json(run, image_folder)
     lines = format_status(status.read_status(run), now=T0 + 100)
@@ -161,7 +161,7 @@ def big_run(tmp_path_factory, image_folder) -> Path:
         epochs = rng.choice([1, 1, 3])
         values = [min(0.99, rng.uniform(0.2, 0.6) + 0.1 * e) for e in range(epochs)]
         records.append(SimpleNamespace(trial_id=f"t{i:07d}", params=params, history=epoch_rows(f"t{i:07d}", values, T0 + i),
-                                       error=None, path=str(folder / f"t{i}"), checkpoint_path=None))
+                                       error=None, path=str(folder / f"t{i}"), checkpoint_path=None, retries=0))
     results.write(results.collect(records, metric="val_acc", mode="max", max_epochs=3, num_samples=300), str(folder))
     write_search_json(folder, image_folder)
     return folder

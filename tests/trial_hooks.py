@@ -72,3 +72,13 @@ class ScoreTable:
         row["val_acc"] = self.scores[str(config.lr)][str(config.seed)]
         if config.seed != self.search_seed:
             time.sleep(self.sleep_s)
+
+
+class Pause:
+    """A pause of sleep_s after each epoch: trials long enough for a test to act while they run."""
+
+    def __init__(self, sleep_s: float) -> None:
+        self.sleep_s = sleep_s
+
+    def on_epoch_end(self, trainer, row) -> None:
+        time.sleep(self.sleep_s)

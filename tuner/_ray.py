@@ -534,7 +534,7 @@ def _delete_checkpoints(trial) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def records(grid: tune.ResultGrid) -> list[TrialRecord]:
-    out = []
+    out, retries = [], _retries(grid)
     for result in grid:
         history = _read_history(result)
         trial_id = result.metrics.get("trial_id") if result.metrics else None
@@ -544,8 +544,17 @@ def records(grid: tune.ResultGrid) -> list[TrialRecord]:
             checkpoint = None  # pruned (PruneCheckpoints): finished below the best
         error = str(result.error).strip().splitlines()[-1] if result.error else None
         out.append(TrialRecord(trial_id, dict(result.config or {}), history, error,
-                               _as_uri(result.filesystem, result.path), checkpoint))
+                               _as_uri(result.filesystem, result.path), checkpoint, retries.get(trial_id, 0)))
     return out
+
+
+def _retries(grid: tune.ResultGrid) -> dict[str, int]:
+    """trial_id -> how often Ray restarted it after its process or node died (not on the public Results)."""
+    try:
+        trials = grid._experiment_analysis.trials
+    except AttributeError:
+        return {}
+    return {t.trial_id: int(getattr(t.run_metadata, "num_failures", 0) or 0) for t in trials}
 
 
 def _exists(filesystem: Any, path: str) -> bool:

@@ -31,6 +31,7 @@ class TrialRecord:
     error: str | None
     path: str
     checkpoint_path: str | None     # the latest kept checkpoint
+    retries: int = 0                # restarts after its process (or its node) died, from a checkpoint
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class SearchSummary:
     epochs_spent: int
     epochs_without_early_stopping: int
     search_started_at: float | None = None  # unix seconds; bench/trial_overhead.py reads it
+    retries: int = 0  # trial restarts after a process or node died (each trial's in trials.parquet)
     # What the refit gets: the best trial's configuration, or after a confirmation (selection.top_k
     # > 1, tuner/confirm.py) the confirmed pick, its mean over the fresh runs, and the table of runs.
     selected_trial_id: str | None = None
@@ -141,13 +143,15 @@ def collect(records: list[TrialRecord], *, metric: str, mode: str, max_epochs: i
             "pid": last.get("pid"), "setup_s": record.history[0].get("setup_s") if record.history else None,
             "ended_at": _ended_at(record.history[-1]) if record.history else None,
             "error": record.error, "path": record.path, "checkpoint": record.checkpoint_path,
+            "retries": record.retries,
             **{name: (record.history[-1].get(name) if record.history else None) for name in measured},
             **{f"config/{k}": v for k, v in record.params.items()},
         })
         history += [{"trial_id": record.trial_id, **{c: r.get(c) for c in HISTORY_COLUMNS}}
                     for r in record.history]
     summary = _summary(trials, metric, mode, max_epochs, num_samples)
-    return SearchResults(trials, history, dataclasses.replace(summary, search_started_at=started_at))
+    return SearchResults(trials, history, dataclasses.replace(summary, search_started_at=started_at,
+                                                              retries=sum(t["retries"] for t in trials)))
 
 
 def _ended_at(row: dict[str, Any]) -> float | None:

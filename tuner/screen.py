@@ -20,7 +20,8 @@ SHOWN_TRIALS = 12  # rows of the trial table; the rest are counted
 def format_summary(summary: SearchSummary) -> list[str]:
     by_status = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in summary.by_status.items() if n)
     saved = 1 - summary.epochs_spent / max(1, summary.epochs_without_early_stopping)
-    lines = [f"trials: {summary.trials} ({by_status})",
+    retried = f"; {summary.retries} restarts from a checkpoint after a process or node died" if summary.retries else ""
+    lines = [f"trials: {summary.trials} ({by_status}{retried})",
              f"epochs: {summary.epochs_spent} spent of {summary.epochs_without_early_stopping} "
              f"without early stopping ({saved:.0%} saved)"]
     if not summary.found:
