@@ -190,7 +190,7 @@ def combine(found: SearchResults, records: list[TrialRecord], runs: list[Confirm
     summary = found.summary
     metric, mode = summary.metric, summary.mode
     by_index = {int(r.params["run"]["index"]): r for r in records if "run" in r.params}
-    records = [TrialRecord(r.trial_id, {}, r.history, r.error, r.path, r.checkpoint_path)
+    records = [TrialRecord(r.trial_id, {}, r.history, r.error, r.path, r.checkpoint_path, r.retries)
                for r in by_index.values()]
     collected = collect(records, metric=metric, mode=mode, max_epochs=max_epochs, num_samples=len(runs))
     rows = {row["trial_id"]: row for row in collected.trials}
