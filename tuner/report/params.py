@@ -126,7 +126,8 @@ def _slice(ax, run: Run, name: str, distribution, rng) -> None:
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
         ax.set_xscale("log")  # ticks at 1 and 3 per decade: readable over a short range or a long one
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0)))
+        decades = math.log10(distribution.high / distribution.low)  # over 3 decades, 1 and 3 overlap
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 3.0) if decades <= 3 else (1.0,)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
     scale = ", log scale" if getattr(distribution, "log", False) else ""
