@@ -568,7 +568,8 @@ def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break,
     assert driver.returncode == 0, output
     trials, history, summary = run_tables(run_dir)
     assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4  # exactly num_samples
-    assert summary["by_status"]["completed"] == 4
+    assert summary["by_status"]["completed"] == 4, [(t["trial_id"], t["status"], t["epochs"], t["retries"], t["error"])
+                                                    for t in trials]
     by_id = {t["trial_id"]: t for t in trials}
     assert by_id[lost]["retries"] >= 1 and summary["retries"] == sum(t["retries"] for t in trials)
     assert by_id[lost]["node_id"] != worker_id  # it ended elsewhere
