@@ -40,13 +40,16 @@ def by_stage(trials: list[dict]) -> tuple[list[dict], list[dict]]:
     return [t for t in trials if t["stage"] == "search"], [t for t in trials if t["stage"] == "confirm"]
 
 
-def driver(space: Path, storage: Path, name: str, *flags: str) -> subprocess.Popen:
+def driver(space: Path, storage: Path, name: str, *flags: str, save_every_step: bool = False) -> subprocess.Popen:
     """A search in a process of its own, with its embedded Ray, the tests' folder on PYTHONPATH so
-    its trials import trial_hooks (the session's Ray started before this test could set it)."""
+    its trials import trial_hooks (the session's Ray started before this test could set it).
+    save_every_step: Ray saves its state after every step rather than every ~10 s, so what ended
+    before a kill is on disk (tests/test_resume.py does the same)."""
     command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
                "--name", name, "--cpus", "2", *flags]
+    env = with_tests_on_path({**os.environ, **({"TUNE_GLOBAL_CHECKPOINT_S": "0"} if save_every_step else {})})
     return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=with_tests_on_path(dict(os.environ)), text=True)
+                            env=env, text=True)
 
 
 @pytest.mark.slow
@@ -95,7 +98,7 @@ def test_resume_in_the_middle_of_the_confirmation(image_folder, tmp_path):
     space = scored_space(tmp_path, image_folder, sleep_s=1.0)
     storage, name = tmp_path / "runs", "killed"
     confirm_dir = storage / name / "confirm"
-    process = driver(space, storage, name, "--max-concurrent", "1", "--no-refit")
+    process = driver(space, storage, name, "--max-concurrent", "1", "--no-refit", save_every_step=True)
     deadline = time.monotonic() + 240
 
     def finished_runs() -> int:
