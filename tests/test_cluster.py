@@ -351,11 +351,11 @@ def processes_using(temp_dir: Path) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def local_cluster():
-    """Head + worker, 1 CPU and 2 GPUs each; yields its address and facts about it."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="trc-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    (temp_dir / "barrier").mkdir()  # for trial_hooks.Barrier
+@contextlib.contextmanager
+def two_nodes(prefix: str):
+    """A head and a worker started with `ray start` on this machine; yields its address, folder,
+    node processes, environment and facts about it; stops both and removes the folder after."""
+    temp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = child_env()
     port, dashboard_port = free_ports(2)
     nodes = [start_node(temp_dir, temp_dir / "head.log", env, "--head", "--port", str(port),
@@ -364,10 +364,18 @@ def local_cluster():
         wait_for_port(port, 60)
         nodes.append(start_node(temp_dir, temp_dir / "worker.log", env, "--address", f"127.0.0.1:{port}"))
         facts = probe(f"127.0.0.1:{port}", temp_dir)
-        yield {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, **facts}
+        yield {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "nodes": nodes, "env": env, **facts}
     finally:
         stop(nodes, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """Head + worker, 1 CPU and 2 GPUs each; yields its address and facts about it."""
+    with two_nodes("trc-") as cluster:
+        (cluster["temp_dir"] / "barrier").mkdir()  # for trial_hooks.Barrier
+        yield cluster
 
 
 PROBE = """
@@ -505,19 +513,8 @@ def test_search_with_a_uri_storage_uploads_tables_checkpoints_and_model(local_cl
 @pytest.fixture
 def cluster_to_break():
     """Head + worker of their own (this test kills the worker), 1 CPU each."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="trk-", dir="/tmp"))
-    env = child_env()
-    port, dashboard_port = free_ports(2)
-    nodes = [start_node(temp_dir, temp_dir / "head.log", env, "--head", "--port", str(port),
-                        "--include-dashboard", "false", "--dashboard-port", str(dashboard_port))]
-    try:
-        wait_for_port(port, 60)
-        nodes.append(start_node(temp_dir, temp_dir / "worker.log", env, "--address", f"127.0.0.1:{port}"))
-        facts = probe(f"127.0.0.1:{port}", temp_dir)
-        yield {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "nodes": nodes, "env": env, **facts}
-    finally:
-        stop(nodes, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with two_nodes("trk-") as cluster:
+        yield cluster
 
 
 def index_events(run_dir: Path) -> list[dict]:
