@@ -31,7 +31,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .results import SearchResults, TrialRecord, collect, finite
+from .results import SearchResults, TrialRecord, collect, finite, params_of
 
 CONFIG_PREFIX = "config/"
 
@@ -69,10 +69,6 @@ class Confirmed:
     @property
     def by_seed(self) -> dict[int, float]:
         return {r["seed"]: r["value"] for r in self.runs if finite(r["value"])}
-
-
-def params_of(row: dict[str, Any]) -> dict[str, Any]:
-    return {k[len(CONFIG_PREFIX):]: v for k, v in row.items() if k.startswith(CONFIG_PREFIX)}
 
 
 def candidates(trials: list[dict[str, Any]], *, metric: str, mode: str, top_k: int) -> list[dict[str, Any]]:
@@ -129,7 +125,7 @@ def p_best(groups: list[dict[int, float]], *, mode: str, draws: int = 20_000, se
     best (see the module's docstring). None for all when the noise cannot be estimated."""
     import numpy as np
 
-    means, counts, residual, df = _noise(groups)
+    means, counts, residual, df, _ = _noise(groups)
     if df < 1:
         return [None] * len(groups)
     rng = np.random.default_rng(seed)
@@ -143,7 +139,8 @@ def p_best(groups: list[dict[int, float]], *, mode: str, draws: int = 20_000, se
 
 
 def _noise(groups: list[dict[int, float]]):
-    """(means, run counts, the variance of one run that comparisons see, its degrees of freedom).
+    """(means, run counts, the variance of one run that comparisons see, its degrees of freedom,
+    whether it is the paired estimate).
 
     When every group ran the same seeds, a seed's shared effect (its validation split and
     training subset, the same for all) cancels in the comparison: the variance is the residual of
@@ -159,22 +156,19 @@ def _noise(groups: list[dict[int, float]]):
         table = np.array([[g[s] for s in sorted(seeds)] for g in used])
         resid = table - table.mean(axis=1, keepdims=True) - table.mean(axis=0, keepdims=True) + table.mean()
         df = (table.shape[0] - 1) * (table.shape[1] - 1)
-        return means, counts, float((resid ** 2).sum() / df), df
+        return means, counts, float((resid ** 2).sum() / df), df, True
     df = sum(len(g) - 1 for g in used)
     if len(used) < 2 or df < 1:
-        return means, counts, 0.0, 0
+        return means, counts, 0.0, 0, False
     pooled = sum(sum((x - statistics.fmean(g.values())) ** 2 for x in g.values()) for g in used) / df
-    return means, counts, pooled, df
+    return means, counts, pooled, df, False
 
 
 def noise_of(confirmed: list[Confirmed]) -> dict[str, Any]:
     """{noise_sd: one run's noise as the comparison sees it (None: unknown), paired: the seed's
     shared effect taken out}, for the summary."""
-    groups = [c.by_seed for c in confirmed]
-    _, _, variance, df = _noise(groups)
-    seeds = {frozenset(g) for g in groups}
-    return {"noise_sd": math.sqrt(variance) if df else None, "paired": bool(df) and len(seeds) == 1 and
-            all(groups) and len(groups) >= 2 and len(next(iter(seeds))) >= 2}
+    _, _, variance, df, paired = _noise([c.by_seed for c in confirmed])
+    return {"noise_sd": math.sqrt(variance) if df else None, "paired": paired}
 
 
 # ---------------------------------------------------------------------------------------------

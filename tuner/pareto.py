@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from search_spaces import METRIC_MODES, Constraint, PickRule, SearchSpec
 
 from .errors import SearchError
-from .results import SearchResults, SearchSummary, finite
+from .results import SearchResults, SearchSummary, finite, params_of
 
 SCORED = ("completed", "early_stopped")  # what Ray tells Optuna as COMPLETE; diverged/errored score nothing
 
@@ -102,8 +102,7 @@ def select(found: SearchResults, spec: SearchSpec) -> SearchResults:
 
 def _entry(index: int | None, trial: dict[str, Any], metrics: Sequence[str]) -> dict[str, Any]:
     return {"index": index, "trial_id": trial["trial_id"], "status": trial["status"],
-            "values": shown_values(trial, metrics),
-            "config": {k[len("config/"):]: v for k, v in trial.items() if k.startswith("config/")}}
+            "values": shown_values(trial, metrics), "config": params_of(trial)}
 
 
 def _none_holds(trials: Sequence[dict[str, Any]], rule: PickRule, metrics: Sequence[str],

@@ -51,8 +51,8 @@ class SearchSummary:
     epochs_without_early_stopping: int
     search_started_at: float | None = None  # unix seconds; bench/trial_overhead.py reads it
     retries: int = 0  # trial restarts after a process or node died (each trial's in trials.parquet)
-    # What the refit gets: the best trial's configuration, or after a confirmation (selection.top_k
-    # > 1, tuner/confirm.py) the confirmed pick, its mean over the fresh runs, and the table of runs.
+    # After a confirmation (selection.top_k > 1, tuner/confirm.py): the confirmed pick, its mean over
+    # the fresh runs, and the table of runs; None without one (the refit_* properties fall back to best_*).
     selected_trial_id: str | None = None
     selected_config: dict[str, Any] | None = None
     selected_value: float | None = None
@@ -64,7 +64,7 @@ class SearchSummary:
 
     @property
     def refit_config(self) -> dict[str, Any] | None:
-        """The configuration the refit trains (summary.json of older versions: the best trial's)."""
+        """The configuration the refit trains: the confirmed pick, else the best trial's."""
         return self.selected_config if self.selected_config is not None else self.best_config
 
     @property
@@ -168,13 +168,17 @@ def _summary(trials: list[dict], metric: str, mode: str, max_epochs: int, num_sa
     key = f"best_{metric}"
     scored = [t for t in trials if finite(t.get(key))]
     best = (max if mode == "max" else min)(scored, key=lambda t: t[key]) if scored else {}
-    config = {k[len("config/"):]: v for k, v in best.items() if k.startswith("config/")} if best else None
+    config = params_of(best) if best else None
     return SearchSummary(
         metric=metric, mode=mode, best_trial_id=best.get("trial_id"), best_value=best.get(key),
         best_val_acc=best.get("best_val_acc"), best_epoch=best.get("best_epoch"), best_config=config,
-        selected_trial_id=best.get("trial_id"), selected_config=config, selected_value=best.get(key),
         trials=len(trials), by_status={s: sum(t["status"] == s for t in trials) for s in STATUSES},
         epochs_spent=sum(t["epochs"] for t in trials), epochs_without_early_stopping=num_samples * max_epochs)
+
+
+def params_of(row: dict[str, Any]) -> dict[str, Any]:
+    """A trials.parquet row's sampled params: its config/<name> columns, by name."""
+    return {k[len("config/"):]: v for k, v in row.items() if k.startswith("config/")}
 
 
 def search_rows(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
