@@ -20,6 +20,7 @@ from test_search import run_tables, write_space
 from trial_hooks import with_tests_on_path
 from tuner import confirm
 from tuner.cli import main
+from tuner.status import experiment_state
 
 # val_acc by lr and seed (tests/trial_hooks.py:ScoreTable): the search runs with seed 0, the
 # confirmation with seeds 1 and 2. lr 0.01 is the luckiest single run (0.9), lr 0.02 the best mean.
@@ -104,13 +105,20 @@ def test_resume_in_the_middle_of_the_confirmation(image_folder, tmp_path):
     def finished_runs() -> int:
         return sum(1 for p in confirm_dir.glob("confirm_*/result.json") if p.read_text().count("\n") == 2)
 
-    while finished_runs() < 1 and time.monotonic() < deadline and process.poll() is None:
+    def saved_as_ended() -> set[str]:
+        """The runs' folders that Ray's saved state calls ended: what a resume must not run again (a
+        run that ended after Ray's last save may run again; README, Reliability)."""
+        trials, _ = experiment_state(confirm_dir) if confirm_dir.is_dir() else ({}, None)
+        return {t["logdir"] for t in trials.values() if t["status"] == "TERMINATED" and t.get("logdir")}
+
+    while not saved_as_ended() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
     assert process.poll() is None, process.stdout.read()
     os.killpg(process.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
     process.wait()
-    before = {p.parent.name: p.read_text().count("\n") for p in storage.glob(f"{name}/**/result.json")}
-    assert 1 <= finished_runs() < 6
+    ended = saved_as_ended()
+    before = {p.parent.name: p.read_text().count("\n") for p in confirm_dir.glob("*/result.json")}
+    assert ended and 1 <= finished_runs() < 6
     status = CliRunner().invoke(main, ["status", str(storage / name)])  # what is done, read from the files
     assert status.exit_code == 0, status.output
     assert re.search(r"confirmation: [1-5] of 6 runs done", status.output), status.output
@@ -125,10 +133,9 @@ def test_resume_in_the_middle_of_the_confirmation(image_folder, tmp_path):
     for trial in trials:  # no epoch reported twice
         epochs = [h["training_iteration"] for h in history if h["trial_id"] == trial["trial_id"]]
         assert epochs == [1, 2], (trial["trial_id"], epochs)
-    after = {p.parent.name: p.read_text().count("\n") for p in storage.glob(f"{name}/**/result.json")}
-    for folder, lines in before.items():
-        if lines == 2:  # finished before the kill: not run again
-            assert after[folder] == 2
+    after = {p.parent.name: p.read_text().count("\n") for p in confirm_dir.glob("*/result.json")}
+    for folder in ended:  # ended, as Ray's state saved before the kill says: not run again
+        assert before[folder] == after[folder] == 2, folder
     assert summary["selected_config"] == {"lr": 0.02}
 
 
