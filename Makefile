@@ -17,7 +17,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test,export]"
+	$(VENV)/bin/pip install -q -c constraints.txt -e ".[test,export,mlflow]"
 	touch $@
 
 # The newest releases within pyproject's ranges, in a venv of their own, written to constraints.txt;
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install -q --upgrade pip
-	.venv-lock/bin/pip install -q -e ".[test,export]"
+	.venv-lock/bin/pip install -q -e ".[test,export,mlflow]"
 	{ echo "# Written by 'make lock': the versions 'make setup' installs and the tests ran with."; \
 	  .venv-lock/bin/pip freeze --exclude-editable; } > constraints.txt
 	rm -rf .venv-lock
