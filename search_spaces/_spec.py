@@ -244,6 +244,22 @@ class ExportSpec(_Section):
     formats: tuple[Literal["pt2", "onnx", "torchscript", "safetensors"], ...] = ("pt2", "onnx", "safetensors")
 
 
+class TrackingSpec(_Section):
+    """Where the search is logged besides its run folder (tuner/tracking.py). mlflow: a tracking URI
+    (http://host:5000, sqlite:///mlflow.db, databricks, ...; --mlflow overrides); None: no MLflow."""
+
+    mlflow: str | None = None
+    experiment: str | None = None  # the MLflow experiment; None: the space's name
+    registered_model: str | None = None  # the refit's model is registered under this name (MLflow Model Registry)
+
+    @field_validator("mlflow", "experiment", "registered_model")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("expected a non-empty string, got ''")
+        return value
+
+
 # ---------------------------------------------------------------- the spec
 
 # with_overrides() keyword -> "section.field"
@@ -251,7 +267,7 @@ _OVERRIDES = {
     "num_samples": "budget.num_samples", "max_epochs": "budget.max_epochs", "grace_period": "budget.grace_period",
     "time_limit_s": "budget.time_limit_s", "seed": "sampler.seed", "sampler": "sampler.type",
     "cpus": "trial.cpus", "gpus": "trial.gpus", "data_path": "data.path", "train_subset": "data.train_subset",
-    "pretrained": "model.pretrained",
+    "pretrained": "model.pretrained", "mlflow": "tracking.mlflow",
 }  # fmt: skip
 
 
@@ -268,6 +284,7 @@ class SearchSpec(_Section):
     selection: SelectionSpec = SelectionSpec()
     refit: RefitSpec = RefitSpec()
     export: ExportSpec = ExportSpec()
+    tracking: TrackingSpec = TrackingSpec()
     params: dict[str, ParamSpec]  # ordered parents first, so one pass samples them
     fixed: dict[str, Any] = {}  # passed to every trial unchanged
     _source: str = PrivateAttr("<space>")  # for error messages raised after loading
@@ -384,7 +401,8 @@ class SearchSpec(_Section):
         lines = [f"space {self.name} ({self._source})", "params:"]
         lines += [f"  {name:<{width}}  {param.describe()}" for name, param in self.params.items()]
         lines += ["fixed:"] + [f"  {name} = {value!r}" for name, value in self.fixed.items()] if self.fixed else []
-        for section in ("objective", "budget", "sampler", "trial", "data", "model", "selection", "refit", "export"):
+        for section in ("objective", "budget", "sampler", "trial", "data", "model", "selection", "refit", "export",
+                        "tracking"):
             values = getattr(self, section).model_dump()
             lines.append(f"{section}: " + ", ".join(f"{key}={value}" for key, value in values.items()))
         return lines

@@ -29,11 +29,11 @@ from trainables.config import TrainConfig
 from trainables.data import Splits, load_data, make_splits
 from trainables.train import NonFiniteLossError, Trainer, flush_denormals
 
-from . import latency, status, storage
+from . import latency, status, storage, tracking
 from .errors import ClusterError
 from .plan import Cluster, SearchPlan
 from .ray_state import StateBackup
-from .results import TrialRecord
+from .results import TrialRecord, trial_status
 from . import hooks
 
 METRIC_DIVERGED = "diverged"
@@ -154,13 +154,15 @@ def _splits_for(config: TrainConfig, cache_dir: str | None) -> Splits:
 
 
 def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, threads: int,
-          hook: str | None = None, hook_args: dict[str, Any] | None = None, measure: tuple[str, ...] = ()) -> None:
+          hook: str | None = None, hook_args: dict[str, Any] | None = None, measure: tuple[str, ...] = (),
+          track: tracking.Target | None = None) -> None:
     """Train one sampled configuration, reporting once per epoch and checkpointing as often as
     CheckpointPacer allows (every epoch unless saving is slow next to the epochs; the last always).
     hook: the space's trial.hook ('module:callable', called with hook_args), told of the start and
     of each epoch's end before its report (tuner/hooks.py); None: nothing is called.
     measure: the metrics besides training's that the objectives name (params, macs, latency_ms, ...),
     measured once, after the setup, and sent with every report (tuner/latency.py).
+    track: the search's MLflow run; the trial logs its own child run from here (tuner/tracking.py).
 
     Overheads travel with each report: setup_s (entry to the first training step: data from the
     process's cache, model build, restore) and between_epochs_s (checkpoint + report of the epoch
@@ -177,10 +179,12 @@ def trial(params: dict[str, Any], *, base: TrainConfig, cache_dir: str | None, t
         with checkpoint.as_directory() as folder:
             trainer.load_state_dict(load_checkpoint(folder))
     where = {**_placement(entered), **_measured(trainer, measure, threads)}
-    trial_hook = hooks.make(hook, hook_args)
-    hooks.call(trial_hook, "on_start", trainer)
+    trial_hooks = [hooks.make(hook, hook_args)]
+    if track is not None:
+        trial_hooks.append(tracking.TrialLog(track, tune.get_context().get_trial_id(), params))
+    hooks.call_all(trial_hooks, "on_start", trainer)
     try:
-        _train_and_report(trainer, where, trial_hook)
+        _train_and_report(trainer, where, trial_hooks)
     except NonFiniteLossError as error:
         # Not a crash and not worth a retry: tell the scheduler and the sampler it scored nothing.
         tune.report({"epoch": error.epoch, "val_acc": 0.0, "val_loss": float(1e9), **where, METRIC_DIVERGED: 1})
@@ -202,14 +206,14 @@ def _measured(trainer: Trainer, names: tuple[str, ...], threads: int) -> dict[st
                                  input_size=trainer.config.input_size, threads=threads)
 
 
-def _train_and_report(trainer: Trainer, where: dict[str, Any], trial_hook: Any) -> None:
+def _train_and_report(trainer: Trainer, where: dict[str, Any], trial_hooks: list[Any]) -> None:
     last_epoch_end, pacer = None, CheckpointPacer()
     for metrics in trainer.epochs():
         epoch_end = time.time()
         between = None if last_epoch_end is None else epoch_end - metrics.epoch_time_s - last_epoch_end
         row = {**metrics.to_dict(), **where, "reported_at": epoch_end, "between_epochs_s": between,
                METRIC_DIVERGED: 0}
-        hooks.call(trial_hook, "on_epoch_end", trainer, row)  # before the report: Ray may stop the trial in it
+        hooks.call_all(trial_hooks, "on_epoch_end", trainer, row)  # before the report: Ray may stop the trial in it
         if pacer.due(final=trainer.epoch >= trainer.config.epochs):
             started = pacer.clock()
             with tempfile.TemporaryDirectory() as folder:
@@ -254,17 +258,17 @@ def confirm_trial(config: dict[str, Any], **kwargs: Any) -> None:
 def _trainable(plan: SearchPlan, function: Callable = trial):
     threads = max(1, int(plan.cpus_per_trial))
     fn = tune.with_parameters(function, base=plan.base_config, cache_dir=plan.cache_dir, threads=threads,
-                              hook=plan.hook, hook_args=plan.hook_args, measure=plan.measure)
+                              hook=plan.hook, hook_args=plan.hook_args, measure=plan.measure, track=plan.tracking)
     return tune.with_resources(fn, {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial})
 
 
-def run_search(plan: SearchPlan, *, listener: Any, resume: bool) -> tune.ResultGrid:
+def run_search(plan: SearchPlan, *, listener: Any, resume: bool, log: Any = None) -> tune.ResultGrid:
     """Run (or resume) the search; `listener` hears of trials starting, reporting and ending
-    (tuner.progress.Progress)."""
+    (tuner.progress.Progress); `log` (tuner.tracking.SearchLog) of trials ending."""
     path = plan.run_dir
     backup = BackUpState(path)
     callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metric), backup,
-                 PruneCheckpoints(plan.metric, plan.mode, backup)]
+                 PruneCheckpoints(plan.metric, plan.mode, backup), *_tracked(log, plan)]
     if not plan.verbose:  # the legacy reporter at verbose=0 prints nothing; ours prints progress
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -280,7 +284,8 @@ def run_search(plan: SearchPlan, *, listener: Any, resume: bool) -> tune.ResultG
     return tuner.fit()
 
 
-def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: Any, resume: bool) -> tune.ResultGrid:
+def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: Any, resume: bool,
+                     log: Any = None) -> tune.ResultGrid:
     """The confirmation runs (tuner/confirm.py) as an experiment of their own in RUN_DIR/confirm:
     one trial per run, all epochs (no scheduler, no sampler), with the search's resources."""
     path = confirm_dir(plan)
@@ -289,7 +294,7 @@ def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: 
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
     backup = BackUpState(path)
     callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metric), backup,
-                 PruneCheckpoints(plan.metric, plan.mode, backup, below_best=False)]
+                 PruneCheckpoints(plan.metric, plan.mode, backup, below_best=False), *_tracked(log, plan)]
     config = tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, reuse_actors=True,
                              trial_dirname_creator=_confirm_dirname)
     run_config = _run_config(plan, callbacks)
@@ -379,6 +384,27 @@ class ProgressCallback(tune.Callback):
 
     def on_step_end(self, iteration, trials, **info):
         self.listener.tick()
+
+
+def _tracked(log: Any, plan: SearchPlan) -> list[tune.Callback]:
+    return [EndTrackedTrials(log, plan.max_epochs)] if log is not None and log.active else []
+
+
+class EndTrackedTrials(tune.Callback):
+    """Ends each trial's MLflow run with its outcome (tuner/tracking.py): the trial cannot, as ASHA
+    stops it inside a report. A trial retried after an error is ended again by its last try."""
+
+    def __init__(self, log: Any, max_epochs: int) -> None:
+        self.log, self.max_epochs = log, max_epochs
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        self.log.trial_ended(trial.trial_id, trial_status(epochs=int(last.get("epoch") or 0), errored=False,
+                                                          diverged=bool(last.get(METRIC_DIVERGED)),
+                                                          max_epochs=self.max_epochs))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log.trial_ended(trial.trial_id, "errored")
 
 
 class StatusIndex(tune.Callback):

@@ -111,6 +111,9 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted search (same --name and --storage).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved space, trials and resources, then exit.")
 @click.option("--refit/--no-refit", default=True, help="Refit the best configuration on train+val and test it.")
+@click.option("--mlflow", metavar="URI", help="Log the search, its trials and the refit's model to MLflow at URI "
+              "(http://host:5000, sqlite:///mlflow.db, ...) [default: the space's tracking.mlflow]; "
+              "pip install 'tune-resnet[mlflow]'.")
 @click.option("-v", "--verbose", is_flag=True, help="Ray's full output.")
 @torch_command
 def search(**kwargs) -> None:

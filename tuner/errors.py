@@ -72,6 +72,10 @@ class Interrupted(UserError):
 Say = Callable[[str], None]  # where the core modules send a line for the user (the CLI: click.echo)
 
 
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def warn(line: str) -> None:
     """The default sink for warnings of the core modules: standard error, looked up when called."""
     print(line, file=sys.stderr)

@@ -27,7 +27,7 @@ from trainables.config import TrainConfig, image_sizes
 from trainables.models import ResNet, count_macs, count_parameters, create_model
 from trainables.run import METRICS_FILE
 
-from .errors import ExportError
+from .errors import ExportError, first_line
 from .storage import BEST_DIR
 
 FORMATS = ("pt2", "onnx", "torchscript", "safetensors")  # pt2: torch.export, TorchScript's successor
@@ -106,10 +106,6 @@ def load_model(model_dir: str | os.PathLike) -> tuple[ResNet, dict[str, Any]]:
         raise ExportError(f"{model_dir}: cannot rebuild the model from {WEIGHTS_FILE} + {CONFIG_FILE}: "
                           f"{first_line(error)}") from None
     return model.eval(), meta
-
-
-def first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_raw_pixel_model(model_dir: str | os.PathLike) -> tuple[RawPixelModel, dict[str, Any]]:

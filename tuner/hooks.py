@@ -76,6 +76,12 @@ def make(target: str | None, args: Mapping[str, Any] | None = None) -> Any:
     return resolve(target)(**(args or {})) if target else None
 
 
+def call_all(hooks: list[Any], method: str, *args: Any) -> None:
+    """call() on each hook in turn (None: no hook)."""
+    for hook in hooks:
+        call(hook, method, *args)
+
+
 def call(hook: Any, method: str, *args: Any) -> None:
     """hook.method(*args), when there is a hook and it has that method."""
     function = getattr(hook, method, None)

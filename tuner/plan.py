@@ -45,6 +45,7 @@ class SearchOptions:
     dry_run: bool = False
     refit: bool = True
     verbose: bool = False
+    mlflow: str | None = None  # an MLflow tracking URI: overrides the space's tracking.mlflow
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class SearchPlan:
     modes: tuple[str, ...] = ()
     constraints: tuple[Constraint, ...] = ()  # told to Optuna per trial (Trial.set_constraint)
     measure: tuple[str, ...] = ()             # params, macs, latency_ms...: measured once by each trial
+    tracking: Any = None                      # tuner.tracking.Target: each trial logs itself to MLflow
 
     @property
     def run_dir(self) -> str:
@@ -108,7 +110,8 @@ def load_spec(options: SearchOptions) -> SearchSpec:
     spec = load_space(options.space, param_names=names, allowed_values=allowed)
     return spec.with_overrides(num_samples=options.num_samples, max_epochs=options.max_epochs,
                                seed=options.seed, gpus=options.gpus_per_trial, cpus=options.cpus_per_trial,
-                               data_path=options.data, train_subset=options.train_subset)
+                               data_path=options.data, train_subset=options.train_subset,
+                               mlflow=options.mlflow)
 
 
 def base_config(spec: SearchSpec) -> TrainConfig:

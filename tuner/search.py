@@ -18,7 +18,7 @@ from search_spaces import SearchSpec
 from trainables.config import TrainConfig
 from trainables.data import check_source, check_splits, load_data
 
-from . import _ray, confirm, pareto, ray_state, results, rungs, storage
+from . import _ray, confirm, pareto, ray_state, results, rungs, storage, tracking
 from .errors import Interrupted, Say, SearchError, SearchFailed, check_writable, warn
 from .plan import (Cluster, SearchOptions, SearchPlan, base_config, check_params, describe, load_spec, make_plan,
                    plan_resources, run_name)
@@ -35,6 +35,7 @@ def run(options: SearchOptions, say: Say = print, warn: Say = warn) -> results.S
     base = base_config(spec)
     check_params(spec, base)
     check_source(base.dataset, base.data_path)
+    tracking.check_installed(spec.tracking.mlflow)
     _check_run_folder(spec, options)
     if options.dry_run:
         for line in describe(spec, options):
@@ -42,15 +43,44 @@ def run(options: SearchOptions, say: Say = print, warn: Say = warn) -> results.S
         return None
     _load_data(base, say)
     plan = _plan(spec, options, base, say)
-    found = _search(spec, plan, _resume_possible(plan.run_dir, say) if options.resume else False, say)
-    if spec.selection.top_k > 1 and found.summary.found:
-        found = _confirm(spec, plan, found, options.resume, say)
-    if options.refit and found.summary.found:
-        _refit_into_storage(plan.run_dir, found, spec, base, say, warn)
-    write_report_safely(plan.run_dir, say, warn)  # report.html + optuna.journal; a failure warns in one line
+    resume = _resume_possible(plan.run_dir, say) if options.resume else False
+    log = tracking.SearchLog(spec.tracking.mlflow, warn, verbose=plan.verbose)
+    log.start(experiment=spec.tracking.experiment or spec.name, run_dir=plan.run_dir, name=plan.name,
+              params=_tracked_params(spec, plan), resume=resume)
+    try:
+        found = _search_and_refit(spec, dataclasses.replace(plan, tracking=log.target), base, options, resume,
+                                  log, say, warn)
+    except (Interrupted, KeyboardInterrupt):
+        log.finish("KILLED")
+        raise
+    except BaseException:
+        log.finish("FAILED")
+        raise
+    log.finish("FINISHED" if found.summary.found else "FAILED", found.summary, plan.run_dir)
     if not found.summary.found:
         raise SearchFailed(no_result(found.trials, plan.run_dir))
     return found.summary
+
+
+def _search_and_refit(spec: SearchSpec, plan: SearchPlan, base: TrainConfig, options: SearchOptions, resume: bool,
+                      log: tracking.SearchLog, say: Say, warn: Say) -> results.SearchResults:
+    found = _search(spec, plan, resume, say, log)
+    if spec.selection.top_k > 1 and found.summary.found:
+        found = _confirm(spec, plan, found, options.resume, say, log)
+    if options.refit and found.summary.found:
+        _refit_into_storage(plan.run_dir, found, spec, base, say, warn, log)
+    write_report_safely(plan.run_dir, say, warn)  # report.html + optuna.journal; a failure warns in one line
+    return found
+
+
+def _tracked_params(spec: SearchSpec, plan: SearchPlan) -> dict[str, object]:
+    """The parent run's params: the space's settings (each trial's run has its sampled params)."""
+    return {"space": spec.name, "metric": plan.metric, "mode": plan.mode, "num_samples": plan.num_samples,
+            "max_epochs": plan.max_epochs, "grace_period": plan.grace_period,
+            "reduction_factor": plan.reduction_factor, "sampler": spec.sampler.type, "seed": plan.base_config.seed,
+            "dataset": plan.base_config.dataset, "data_path": plan.base_config.data_path,
+            "max_concurrent": plan.max_concurrent, "cpus_per_trial": plan.cpus_per_trial,
+            "gpus_per_trial": plan.gpus_per_trial, "run_dir": plan.run_dir}
 
 
 def _check_run_folder(spec: SearchSpec, options: SearchOptions) -> None:
@@ -85,14 +115,15 @@ def _plan(spec: SearchSpec, options: SearchOptions, base: TrainConfig, say: Say)
     return make_plan(spec, options, base, resources)
 
 
-def _search(spec: SearchSpec, plan: SearchPlan, resume: bool, say: Say) -> results.SearchResults:
+def _search(spec: SearchSpec, plan: SearchPlan, resume: bool, say: Say,
+            log: tracking.SearchLog | None = None) -> results.SearchResults:
     """Ray Tune runs the trials; their results are collected and written once, as tables."""
     say(f"{'resuming' if resume else 'searching'}: {plan.num_samples} trials, {plan.max_concurrent} at a time "
         f"({plan.cpus_per_trial:g} CPU, {plan.gpus_per_trial:g} GPU each) -> {plan.run_dir}")
     _save_space(spec, plan)  # first: `tune-resnet status` reads the budget from it
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs, echo=say)
     started_at = time.time()
-    grid = _ray.run_search(plan, listener=progress, resume=resume)
+    grid = _ray.run_search(plan, listener=progress, resume=resume, log=log)
     found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs,
                             num_samples=plan.num_samples, started_at=started_at, measured=plan.measure)
     found = pareto.select(found, spec)  # several objectives, constraints, selection.pick: the front and the pick
@@ -115,7 +146,7 @@ def no_result(trials: list[dict], run_dir: str) -> str:
 
 
 def _confirm(spec: SearchSpec, plan: SearchPlan, found: results.SearchResults, resume: bool,
-             say: Say) -> results.SearchResults:
+             say: Say, log: tracking.SearchLog | None = None) -> results.SearchResults:
     """The top configurations trained again with fresh seeds; the best mean goes to the refit
     (tuner/confirm.py). Its runs join the tables; summary.json names the pick."""
     chosen = confirm.candidates(found.trials, metric=plan.metric, mode=plan.mode, top_k=spec.selection.top_k)
@@ -126,7 +157,7 @@ def _confirm(spec: SearchSpec, plan: SearchPlan, found: results.SearchResults, r
         f"{spec.selection.repeats} more runs each with fresh seeds ({len(runs)} trials of {plan.max_epochs} "
         f"epochs, no early stopping) -> {folder}")
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs, echo=say)
-    grid = _ray.run_confirmation(plan, [r.to_dict() for r in runs], listener=progress, resume=resume)
+    grid = _ray.run_confirmation(plan, [r.to_dict() for r in runs], listener=progress, resume=resume, log=log)
     confirmed = confirm.combine(found, _ray.records(grid), runs, chosen, max_epochs=plan.max_epochs,
                                 seed=plan.base_config.seed)
     results.write(confirmed, plan.run_dir)
@@ -198,14 +229,17 @@ def _missing_from_nodes(folder: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def _refit_into_storage(run_dir: str, found: results.SearchResults, spec: SearchSpec, base: TrainConfig,
-                        say: Say, warn: Say) -> None:
+                        say: Say, warn: Say, log: tracking.SearchLog | None = None) -> None:
+    log = log or tracking.SearchLog(None, warn)
     if not storage.is_uri(run_dir):
-        refit_best(run_dir, found, spec, base, say, warn)
+        metrics = refit_best(run_dir, found, spec, base, say, warn)
+        log.refit(Path(run_dir) / storage.BEST_DIR, metrics, register=spec.tracking.registered_model, say=say)
         return
     with tempfile.TemporaryDirectory(prefix="tune-resnet-refit-") as local:
         if spec.refit.warm_start:
             found = _with_local_checkpoint(found, f"{local}/warm-start")
-        refit_best(local, found, spec, base, say, warn)
+        metrics = refit_best(local, found, spec, base, say, warn)
+        log.refit(Path(local) / storage.BEST_DIR, metrics, register=spec.tracking.registered_model, say=say)
         storage.upload(f"{local}/{storage.BEST_DIR}", f"{run_dir}/{storage.BEST_DIR}")
     say(f"uploaded {storage.BEST_DIR}/ to {run_dir}/{storage.BEST_DIR}")
 
