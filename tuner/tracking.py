@@ -39,9 +39,11 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .errors import SearchError, first_line
 
-# Unless the user set them: a dead server costs seconds, not minutes (MLflow reads them per request).
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# Unless the user set them: a dead server costs seconds, not minutes (MLflow reads them per request);
+# no progress bars or run links printed into the search's output.
+ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "train_acc", "lr", "epoch_time_s", "train_images_per_sec")
 MEASURED = ("params", "macs", "latency_ms", "latency_ms_b64")  # objectives a trial measures once (tuner/latency.py)
 RUN_STATUS = {"completed": "FINISHED", "early_stopped": "KILLED", "diverged": "FAILED", "errored": "FAILED"}
@@ -58,7 +60,7 @@ class Target:
 
 
 def client(uri: str):
-    for name, value in HTTP_DEFAULTS.items():
+    for name, value in ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     from mlflow import MlflowClient
 
