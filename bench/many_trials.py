@@ -141,11 +141,11 @@ def run_hand(base: dict, storage: Path, name: str, trials: int) -> None:
     tuner.fit()
 
 
-def run_service(space: Path, storage: Path, name: str, trials: int) -> None:
+def run_service(space: Path, storage: Path, name: str, trials: int, mlflow: str | None = None) -> None:
     from tuner.search import SearchOptions, run
 
     run(SearchOptions(space=str(space), storage=str(storage), name=name, num_samples=trials,
-                      max_concurrent=CONCURRENT, refit=False), say=lambda line: None)
+                      max_concurrent=CONCURRENT, refit=False, mlflow=mlflow), say=lambda line: None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,12 +202,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(mode: str, trials: int, work: Path, space: Path, base: dict) -> dict:
+def measure(mode: str, trials: int, work: Path, space: Path, base: dict, mlflow: str | None = None) -> dict:
     name = f"{mode}-{trials}"
     SAMPLES.clear()
     cpu, wrote, began = cpu_seconds(), written_bytes(), time.time()
-    if mode == "service":
-        run_service(space, work, name, trials)
+    if mode in ("service", "mlflow"):
+        run_service(space, work, name, trials, mlflow if mode == "mlflow" else None)
     else:
         run_hand(base, work, name, trials)
     wall = time.time() - began
@@ -329,12 +329,16 @@ def profiled(prefix: str | None, name: str, function, *args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, nargs="+", default=[100, 300, 1000])
-    parser.add_argument("--modes", nargs="+", default=["service", "hand"], choices=["service", "hand"])
+    parser.add_argument("--modes", nargs="+", default=["service", "hand"], choices=["service", "hand", "mlflow"],
+                        help="mlflow: the service logging every trial to --mlflow URI (issue 23)")
+    parser.add_argument("--mlflow", help="an MLflow tracking URI for the mlflow mode (a real server)")
     parser.add_argument("--work", help="folder for the runs (default: a fresh temporary folder)")
     parser.add_argument("--kill-resume", type=int, metavar="N", help="instead: a search of N trials (the CLI) killed at half and resumed")
     parser.add_argument("--json")
     parser.add_argument("--profile", help="write a cProfile of the driver (CPU time) of each search to PROFILE-MODE-N.prof")
     args = parser.parse_args()
+    if "mlflow" in args.modes and not args.mlflow:
+        parser.error("--modes mlflow needs --mlflow URI (a running MLflow server)")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-many-")).resolve()
     images = write_images(work / "images")
     space = write_space(work, images)
@@ -352,7 +356,8 @@ def main() -> None:
     results = []
     for trials in args.trials:
         for mode in args.modes:
-            results.append(profiled(args.profile, f"{mode}-{trials}", measure, mode, trials, work, space, base))
+            results.append(profiled(args.profile, f"{mode}-{trials}", measure, mode, trials, work, space, base,
+                                    args.mlflow))
             print(json.dumps(results[-1]), flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"work": str(work), "results": results}, indent=2))
