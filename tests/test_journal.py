@@ -1,12 +1,12 @@
 """RUN_DIR/optuna.journal written as trials go (tuner/journal.py): the pure module against real
-Optuna journal files, read back the way optuna-dashboard reads them (a fresh JournalStorage); then
-a search killed and resumed for real, its journal read while it runs."""
+Optuna journal files, read back the way optuna-dashboard reads them (a fresh JournalStorage). The
+journal of a real search: tests/test_search.py (a finished one), tests/test_resume.py (read while
+it runs, then killed and resumed; the checks are here)."""
 
 from __future__ import annotations
 
 import os
 import pickle
-import signal
 import time
 from pathlib import Path
 
@@ -218,3 +218,48 @@ def test_a_run_folder_at_a_uri_gets_no_live_journal():
     mirror.begin([])
     mirror.start("a", {"lr": 0.01})
     assert mirror.path is None and journal.Mirror("file:///tmp/x", warn=lambda line: None).path == Path("/tmp/x") / JOURNAL_FILE
+
+
+# ---------------------------------------------------------------------------------------------
+# A search read while it runs, killed (SIGKILL) and resumed: tests/test_resume.py runs it
+# ---------------------------------------------------------------------------------------------
+
+def ended_in(path: Path, name: str) -> dict[str, tuple[int, TrialState]]:
+    """Ray trial id -> (journal trial number, state) of the journal's trials, read as the dashboard would."""
+    return {t.user_attrs["ray_trial_id"]: (t.number, t.state) for t in read(path, name).trials}
+
+
+def finished(trials: dict[str, tuple[int, TrialState]]) -> int:
+    return sum(state.is_finished() for _, state in trials.values())
+
+
+def journal_while_running(path: Path, name: str, driver, *, timeout_s: float = 120) -> dict[str, tuple[int, TrialState]]:
+    """While the search runs (driver: its process, a trial ended), optuna.load_study on its journal
+    sees the finished trials, more at a later read: the later read is returned."""
+    first = finished(ended_in(path, name))
+    deadline = time.monotonic() + timeout_s
+    while finished(ended_in(path, name)) <= first and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    later = ended_in(path, name)
+    assert driver.poll() is None and 1 <= first < finished(later), (first, later)
+    return later
+
+
+def check_resumed_journal(path: Path, name: str, before: dict[str, tuple[int, TrialState]], trials: list[dict]) -> None:
+    """After a kill and --resume (tests/test_resume.py): each Ray trial of trials.parquet once in the
+    journal, all ended; one RUNNING at the kill that Ray continued is the same journal trial; the ones
+    ended before the kill stay as they were, the others end as trials.parquet says; a trial Ray
+    lost with the driver (started after its last save) ended FAIL as `lost`."""
+    study = read(path, name)
+    journal_ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
+    assert len(journal_ids) == len(set(journal_ids))  # no Ray trial twice
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    ray_ids = {t["trial_id"] for t in trials}
+    assert ray_ids <= set(by_id) and all(t.state.is_finished() for t in study.trials)
+    assert all(t.state == TrialState.FAIL and t.user_attrs["status"] == "lost" for i, t in by_id.items() if i not in ray_ids)
+    for ray_id, (number, state) in before.items():
+        assert by_id[ray_id].number == number and (by_id[ray_id].state == state or not state.is_finished())
+    expected = {"completed": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED}
+    for trial in trials:
+        if not before.get(trial["trial_id"], (0, TrialState.RUNNING))[1].is_finished():
+            assert by_id[trial["trial_id"]].state == expected[trial["status"]], trial
