@@ -119,13 +119,18 @@ class _Entry:
 
 
 class JournalStudy:
-    """The study in a journal file, opened (made if absent) for writing; trials by Ray trial id."""
+    """The study in a journal file, opened (made if absent) for writing; trials by Ray trial id.
+    path None: a study in memory (the report's replay, copied into a journal in a line per trial
+    rather than one per event: each line written is a lock and an fsync)."""
 
-    def __init__(self, path: str | Path, shape: StudyShape, *, attrs: Mapping[str, Any] = ()) -> None:
+    def __init__(self, path: str | Path | None, shape: StudyShape, *, attrs: Mapping[str, Any] = ()) -> None:
         """attrs: the study's user attrs, set when this call makes the study."""
-        repair(path)
         self.shape = shape
-        self.storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        if path is None:
+            self.storage: optuna.storages.BaseStorage = optuna.storages.InMemoryStorage()
+        else:
+            repair(path)
+            self.storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
         self.study = _create_or_load(self.storage, shape, dict(attrs))
         self.study_id = self.storage.get_study_id_from_name(shape.name)
         self.trials: dict[str, _Entry] = {}

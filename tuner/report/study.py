@@ -67,8 +67,11 @@ def write_journal(run: Run) -> Path:
         return path
     fresh = path.with_name(f".{JOURNAL_FILE}.new")  # built aside: a failure keeps the journal there was
     fresh.unlink(missing_ok=True)
-    study = JournalStudy(fresh, StudyShape.of(run.name, run.record), attrs={"run_dir": str(run.folder.resolve())})
-    replay(run, study)
+    shape = StudyShape.of(run.name, run.record)
+    replayed = JournalStudy(None, shape)
+    replay(run, replayed)
+    study = JournalStudy(fresh, shape, attrs={"run_dir": str(run.folder.resolve())})
+    study.study.add_trials(replayed.study.get_trials(deepcopy=False))
     del study  # the backend holds no open file between writes; replace it now
     os.replace(fresh, path)
     return path
