@@ -178,7 +178,7 @@ def test_mirror_pickles_without_its_open_journal_and_the_copy_resumes_it(run_fol
     mirror.start("a", {"lr": 0.01})
     mirror.end("a", {"training_iteration": 3, "val_acc": 0.7}, errored=False)  # no epoch reported: no value
     mirror.start("b", {"lr": 0.02})
-    assert pickle.loads(pickle.dumps(mirror))._study is None
+    assert mirror.begun and not pickle.loads(pickle.dumps(mirror)).begun  # a copy begins again where it runs
 
     restored.begin([("b", "PENDING", {})])  # the resumed search: Ray restored b
     restored.report("b", {"training_iteration": 1, "val_acc": 0.6})
@@ -217,7 +217,7 @@ def test_a_run_folder_at_a_uri_gets_no_live_journal():
     mirror = Mirror("s3://bucket/runs/x", warn=pytest.fail)
     mirror.begin([])
     mirror.start("a", {"lr": 0.01})
-    assert mirror.path is None and journal.Mirror("file:///tmp/x", warn=lambda line: None).path == Path("/tmp/x") / JOURNAL_FILE
+    assert mirror.begun and mirror.path is None and journal.Mirror("file:///tmp/x", warn=lambda line: None).path == Path("/tmp/x") / JOURNAL_FILE
 
 
 # ---------------------------------------------------------------------------------------------

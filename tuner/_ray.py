@@ -446,11 +446,9 @@ class LiveJournal(tune.Callback):
 
     def __init__(self, run_dir: str) -> None:
         self.mirror = journal.Mirror(run_dir)
-        self.begun = False
 
     def on_step_begin(self, iteration, trials, **info):
-        if not self.begun:  # the first step: a resumed search's restored trials are known
-            self.begun = True
+        if not self.mirror.begun:  # the first step: a resumed search's restored trials are known
             self.mirror.begin(_as_plain(trials))
 
     def on_trial_start(self, iteration, trials, trial, **info):

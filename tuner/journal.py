@@ -277,6 +277,11 @@ class Mirror:
     def path(self) -> Path | None:
         return self.folder / JOURNAL_FILE if self.folder else None
 
+    @property
+    def begun(self) -> bool:
+        """begin() was called in this process (or there is nothing to begin: a URI, an error)."""
+        return self._study is not None or self.failed or self.shape is None
+
     def begin(self, ray_trials: Iterable[tuple[str, str, Mapping[str, Any]]]) -> None:
         """At the search's first step, Ray's trials as (id, Ray status, last result): none in a new
         search, the restored ones in a resumed one. Opens the journal and settles it with them."""
