@@ -200,13 +200,13 @@ def test_an_abandoned_attempts_journal_is_replaced(run_folder):
 
 def test_mirror_errors_are_one_line_once_and_never_raised(run_folder, tmp_path):
     told = []
-    (run_folder / JOURNAL_FILE).mkdir()  # no file can be written there
+    (run_folder / JOURNAL_FILE).write_text("edited by hand\n{}\n")  # a journal Optuna cannot read
     mirror = Mirror(str(run_folder), warn=told.append)
     mirror.begin([])
     mirror.start("a", {"lr": 0.01})
     mirror.end("a", {}, errored=True)
     assert len(told) == 1 and told[0].startswith(f"{JOURNAL_FILE}: no longer written during this search (")
-    assert "the report rebuilds it" in told[0]
+    assert "removed: the report writes it from the tables" in told[0] and not (run_folder / JOURNAL_FILE).exists()
 
     nothing = Mirror(str(tmp_path / "no-search-here"), warn=told.append)  # search.json missing: told, no raise
     nothing.begin([])

@@ -33,8 +33,8 @@ restored state does not know (it started after Ray's last save) is ended FAIL wi
 `lost`. A journal none of whose trials Ray knows is an abandoned attempt's (--resume found
 nothing to resume and started anew): it is replaced.
 
-Writing the journal never stops a search: the first error is told in one line and the driver
-writes no more of it; the report then rebuilds it from the tables. A run folder at a URI
+Writing the journal never stops a search: the first error is told in one line, the driver writes
+no more of it and removes it (it is no longer current); the report then writes it from the tables. A run folder at a URI
 (s3://, gs://) gets no live journal (a file lock cannot live on object storage): `tune-resnet
 report` on a local copy writes it, as before.
 """
@@ -337,14 +337,19 @@ class Mirror:
                 self._end(ray_id, last, status == "ERROR")
 
     def _safely(self, call, *args: Any) -> None:
-        """The call, unless the journal failed before; the first error is told once and ends the
-        writing (the report rebuilds the journal from the tables)."""
+        """The call, unless the journal failed before; the first error is told once, ends the
+        writing and removes the journal (the report then writes it whole from the tables)."""
         if self.failed:
             return
         try:
             call(*args)
         except Exception as error:  # the journal serves the dashboard; it must never stop a search
             self.failed, self._study = True, None
+            try:  # no longer current: gone, so that the report writes it whole from the tables
+                if self.path is not None:
+                    self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
             why = (str(error).strip().splitlines() or [""])[0][:200]
             self.warn(f"{JOURNAL_FILE}: no longer written during this search ({type(error).__name__}: {why}); "
-                      "the report rebuilds it when the search ends")
+                      "removed: the report writes it from the tables when the search ends")
