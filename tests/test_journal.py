@@ -217,7 +217,8 @@ def test_a_run_folder_at_a_uri_gets_no_live_journal():
     mirror = Mirror("s3://bucket/runs/x", warn=pytest.fail)
     mirror.begin([])
     mirror.start("a", {"lr": 0.01})
-    assert mirror.begun and mirror.path is None and journal.Mirror("file:///tmp/x", warn=lambda line: None).path == Path("/tmp/x") / JOURNAL_FILE
+    assert mirror.begun and mirror.path is None
+    assert journal.Mirror("file:///tmp/x", warn=lambda line: None).path == Path("/tmp/x") / JOURNAL_FILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +234,8 @@ def finished(trials: dict[str, tuple[int, TrialState]]) -> int:
     return sum(state.is_finished() for _, state in trials.values())
 
 
-def journal_while_running(path: Path, name: str, driver, *, timeout_s: float = 120) -> dict[str, tuple[int, TrialState]]:
+def journal_while_running(path: Path, name: str, driver, *,
+                          timeout_s: float = 120) -> dict[str, tuple[int, TrialState]]:
     """While the search runs (driver: its process, a trial ended), optuna.load_study on its journal
     sees the finished trials, more at a later read: the later read is returned."""
     first = finished(ended_in(path, name))
@@ -256,7 +258,8 @@ def check_resumed_journal(path: Path, name: str, before: dict[str, tuple[int, Tr
     by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
     ray_ids = {t["trial_id"] for t in trials}
     assert ray_ids <= set(by_id) and all(t.state.is_finished() for t in study.trials)
-    assert all(t.state == TrialState.FAIL and t.user_attrs["status"] == "lost" for i, t in by_id.items() if i not in ray_ids)
+    lost = [t for ray_id, t in by_id.items() if ray_id not in ray_ids]
+    assert all(t.state == TrialState.FAIL and t.user_attrs["status"] == "lost" for t in lost)
     for ray_id, (number, state) in before.items():
         assert by_id[ray_id].number == number and (by_id[ray_id].state == state or not state.is_finished())
     expected = {"completed": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED}
