@@ -290,6 +290,29 @@ def test_refit_pick_n_takes_that_front_entry(two_objective_search):
         f"Error: --pick: expected a front index from 0 to {len(summary['front']) - 1}, got 99"]
 
 
+@pytest.mark.slow
+def test_the_journal_of_two_objectives_ends_each_trial_with_both(two_objective_search):
+    """The live optuna.journal (tuner/journal.py) with several objectives: COMPLETE with the best
+    epoch's val_acc and the latency; PRUNED without values; no intermediate values (Optuna's
+    Trial.report refuses a multi-objective study)."""
+    import optuna
+
+    run_dir, _ = two_objective_search
+    trials, _, _ = run_tables(run_dir)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "optuna.journal")))
+    study = optuna.load_study(study_name="mo", storage=storage)
+    assert study.metric_names == ["val_acc", "latency_ms"] and study.user_attrs["live"] is True
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    assert len(study.trials) == len(trials) == len(by_id)
+    for trial in trials:
+        mirrored = by_id[trial["trial_id"]]
+        assert not mirrored.intermediate_values
+        if trial["status"] == "completed":
+            assert mirrored.values == pytest.approx([trial["best_val_acc"], trial["latency_ms"]])
+        else:
+            assert mirrored.state == optuna.trial.TrialState.PRUNED and mirrored.values is None
+
+
 def test_space_file_round_trip_of_the_list_form(tmp_path):
     """The form the README shows, as YAML."""
     text = ("name: mo\nobjective:\n  metrics: [val_acc, latency_ms]\n  constraints: ['latency_ms <= 5']\n"

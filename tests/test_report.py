@@ -180,31 +180,61 @@ def test_report_of_a_search_whose_first_rung_misranks_warns_at_the_top(tmp_path,
     assert "<tr><td>1</td><td>18</td><td>9</td><td>9</td><td>9</td>" in rest and warning in rest
 
 
-def test_journal_holds_the_study_for_optuna_dashboard(rendered):
-    from optuna.storages.journal import JournalFileBackend
+def read_journal(folder: Path) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
+    return optuna.load_study(study_name=folder.name, storage=storage)
 
+
+def test_journal_holds_the_study_for_optuna_dashboard(rendered):
+    """A run without a live journal (older runs; a URI's, read from a local copy): the report
+    writes it from the tables, in the shape the search writes it as it goes (tuner/journal.py)."""
     folder, _ = rendered
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(folder / JOURNAL_FILE)))
-    study = optuna.load_study(study_name="generated", storage=storage)
+    study = read_journal(folder)
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert len(study.trials) == len(TRIALS)
-    states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 6  # completed + stopped early
-    assert states.count(optuna.trial.TrialState.FAIL) == 2      # diverged + errored
+    states = {t.user_attrs["ray_trial_id"]: t.state for t in study.trials}
+    assert [s.name for s in states.values()] == ["COMPLETE", "PRUNED", "COMPLETE", "PRUNED", "PRUNED", "COMPLETE",
+                                                 "FAIL", "FAIL"]  # stopped early by ASHA: PRUNED
     assert study.best_value == pytest.approx(0.8)
     assert study.best_trial.user_attrs["ray_trial_id"] == "aaaa0001"
+    assert study.best_trial.user_attrs["status"] == "completed" and study.best_trial.user_attrs["epochs"] == 3
     assert study.best_trial.intermediate_values == {1: 0.5, 2: 0.7, 3: 0.8}
+    assert study.best_trial.params == TRIALS["aaaa0001"][0]
     lr = study.best_trial.distributions["lr"]
     assert isinstance(lr, optuna.distributions.FloatDistribution) and lr.log
+    assert "live" not in study.user_attrs and study.user_attrs["run_dir"] == str(folder.resolve())
 
 
 def test_report_again_replaces_the_journal(rendered):
     folder, _ = rendered
     code, output = invoke("report", str(folder))
     assert code == 0, output
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(folder / JOURNAL_FILE)))
-    assert len(optuna.load_study(study_name="generated", storage=storage).trials) == len(TRIALS)
+    assert len(read_journal(folder).trials) == len(TRIALS)
+
+
+@pytest.mark.parametrize("started", [len(TRIALS), len(TRIALS) - 1])
+def test_report_keeps_the_journal_the_search_wrote_unless_it_misses_trials(generated_run, tmp_path, started):
+    """The search's live journal, every trial started (the ends not told: as after a Ctrl-C, which
+    --resume continues) is kept byte for byte; one that misses a trial (the search stopped writing
+    it after an error) is written afresh from the tables."""
+    from tuner.journal import Mirror
+
+    folder = tmp_path / "generated"
+    shutil.copytree(generated_run, folder, ignore=shutil.ignore_patterns(JOURNAL_FILE, REPORT_DIR, REPORT_FILE))
+    mirror = Mirror(str(folder))
+    mirror.begin([])
+    for trial_id, (params, _, _) in list(TRIALS.items())[:started]:
+        mirror.start(trial_id, params)
+    written = (folder / JOURNAL_FILE).read_bytes()
+    code, output = invoke("report", str(folder))
+    assert code == 0, output
+    study = read_journal(folder)
+    assert len(study.trials) == len(TRIALS)
+    if started == len(TRIALS):
+        assert (folder / JOURNAL_FILE).read_bytes() == written and study.user_attrs["live"] is True
+    else:
+        assert "live" not in study.user_attrs and all(t.state.is_finished() for t in study.trials)
+    assert f"optuna-dashboard {folder / JOURNAL_FILE}" in (folder / REPORT_FILE).read_text()
 
 
 def test_report_without_a_refit_leaves_its_plots_out(generated_run, tmp_path):

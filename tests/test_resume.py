@@ -14,9 +14,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from test_journal import check_resumed_journal, journal_while_running
 from test_search import run_tables, search, write_space
 from trial_hooks import with_tests_on_path
 from tuner._ray import CheckpointPacer
+from tuner.journal import JOURNAL_FILE
 from tuner.ray_state import STATE_BACKUP, back_up_state, repair_state
 
 
@@ -51,11 +53,13 @@ def driver_after_two_trials(space: Path, storage: Path, name: str, *, backed_up:
 @pytest.mark.parametrize("state", ["as saved", "cut off"])
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, image_folder, tmp_path, state):
     """SIGKILL may land while Ray copies its state into the run folder, leaving the files empty
-    ("cut off", made certain here): --resume then puts back the copy taken when a trial ended."""
+    ("cut off", made certain here): --resume then puts back the copy taken when a trial ended.
+    The live optuna.journal is read while the search runs and checked after (tests/test_journal.py)."""
     space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3})
     storage = tmp_path / "runs"
     experiment = storage / "killed"
     driver = driver_after_two_trials(space, storage, "killed", backed_up=state == "cut off")
+    journal = journal_while_running(experiment / JOURNAL_FILE, "killed", driver)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
     driver.wait()
     before = {p.parent.name: p.read_text().count("\n") for p in experiment.glob("trial_*/result.json")}
@@ -80,6 +84,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, im
     finished_before = [name for name, lines in before.items() if lines == 3]  # ran all 3 epochs
     for name in finished_before:  # a finished trial was not run again
         assert after[name] == 3
+    check_resumed_journal(experiment / JOURNAL_FILE, "killed", journal, trials)
 
 
 def test_killed_trial_continues_from_its_checkpoint(image_folder, tmp_path):

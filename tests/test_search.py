@@ -112,6 +112,36 @@ def test_search_prints_progress_and_refits(finished_search):
     assert metrics["wall_time_s"] >= metrics["train_time_s"] > 0
 
 
+@pytest.mark.slow
+def test_the_journal_holds_each_trial_as_it_ended(finished_search):
+    """RUN_DIR/optuna.journal, written by the search as trials went (tuner/journal.py) and kept by
+    the report: one Optuna trial per Ray trial, its params, its epochs as intermediate values, and
+    COMPLETE with its best val_acc, or PRUNED where ASHA stopped it."""
+    import optuna
+
+    folder, _, _ = finished_search
+    run = folder / "runs" / "first"
+    trials, history, _ = run_tables(run)
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run / "optuna.journal")))
+    study = optuna.load_study(study_name="first", storage=journal)
+    assert study.user_attrs["live"] is True  # the search's own, not rebuilt by the report
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    assert len(study.trials) == len(trials) and set(by_id) == {t["trial_id"] for t in trials}
+    for trial in trials:
+        mirrored = by_id[trial["trial_id"]]
+        assert mirrored.params == {"lr": trial["config/lr"], "batch_size": trial["config/batch_size"]}
+        curve = {h["training_iteration"]: h["val_acc"] for h in history if h["trial_id"] == trial["trial_id"]}
+        assert mirrored.intermediate_values == pytest.approx(curve)
+        assert (mirrored.user_attrs["status"], mirrored.user_attrs["epochs"]) == (trial["status"], trial["epochs"])
+        if trial["status"] == "completed":
+            assert mirrored.state == optuna.trial.TrialState.COMPLETE
+            assert mirrored.value == pytest.approx(trial["best_val_acc"])
+        else:  # stopped by ASHA
+            assert mirrored.state == optuna.trial.TrialState.PRUNED
+            assert mirrored.value == pytest.approx(curve[max(curve)])  # Optuna's: the last intermediate value
+    assert [t.number for t in study.trials] == list(range(len(trials)))
+
+
 def test_same_seed_samples_the_same_configurations(finished_search):
     folder, space, _ = finished_search
     code, output = search("--space", str(space), "--storage", str(folder / "runs"), "--name", "second",

@@ -29,7 +29,7 @@ from trainables.config import TrainConfig
 from trainables.data import Splits, load_data, make_splits
 from trainables.train import NonFiniteLossError, Trainer, flush_denormals
 
-from . import latency, status, storage, tracking
+from . import journal, latency, status, storage, tracking
 from .errors import ClusterError
 from .plan import Cluster, SearchPlan
 from .ray_state import StateBackup
@@ -268,7 +268,7 @@ def run_search(plan: SearchPlan, *, listener: Any, resume: bool, log: Any = None
     path = plan.run_dir
     backup = BackUpState(path)
     callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metric), backup,
-                 PruneCheckpoints(plan.metric, plan.mode, backup), *_tracked(log, plan)]
+                 PruneCheckpoints(plan.metric, plan.mode, backup), LiveJournal(path), *_tracked(log, plan)]
     if not plan.verbose:  # the legacy reporter at verbose=0 prints nothing; ours prints progress
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -437,6 +437,38 @@ class StatusIndex(tune.Callback):
             storage.append_lines(self.run_dir, storage.STATUS_INDEX, lines)
         except OSError:  # the index serves `status`; it must never stop a search
             pass
+
+
+class LiveJournal(tune.Callback):
+    """Writes RUN_DIR/optuna.journal as trials start, report and end (tuner/journal.py: the study
+    optuna-dashboard shows, a mirror of the search; the sampler's own study is not touched). Its
+    errors never stop a search: the first is told in one line, and the report rebuilds the journal."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.mirror = journal.Mirror(run_dir)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if not self.mirror.begun:  # the first step: a resumed search's restored trials are known
+            self.mirror.begin(_as_plain(trials))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.mirror.start(trial.trial_id, trial.config or {})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.mirror.report(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.mirror.end(trial.trial_id, trial.last_result or {}, errored=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.mirror.end(trial.trial_id, trial.last_result or {}, errored=True)
+
+    def on_experiment_end(self, trials, **info):
+        self.mirror.settle(_as_plain(trials))
+
+
+def _as_plain(trials) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(t.trial_id, t.status, t.last_result or {}) for t in trials]
 
 
 class BackUpState(tune.Callback):

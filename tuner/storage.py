@@ -5,6 +5,8 @@ names, where the refit model lives (best/), and how its files are written and re
     RUN_DIR/trial_*/result.json one JSON line per epoch                (written by Ray Tune)
     RUN_DIR/status-index.jsonl a line per trial started or ended       (appended by search as trials go;
                                                                         `status` reads it, not every trial)
+    RUN_DIR/optuna.journal     the Optuna study, for optuna-dashboard  (written by search as trials go, in a
+                                                                        local folder; else by report)
     RUN_DIR/trials.parquet     a row per trial                         (written by search, at the end)
     RUN_DIR/history.parquet    a row per trial-epoch                   (written by search, at the end)
     RUN_DIR/summary.json       the best trial and the epochs spent     (written by search, at the end)
@@ -34,6 +36,7 @@ CONFIRM_DIR = "confirm"  # the confirmation runs' Ray experiment (tuner/confirm.
 HISTORY_FILE = "history.parquet"
 RESULT_FILE = "result.json"    # Ray Tune's, in each trial's folder
 STATUS_INDEX = "status-index.jsonl"  # tuner.status's index of the trials (tuner._ray.StatusIndex appends it)
+JOURNAL_FILE = "optuna.journal"      # the study for optuna-dashboard (tuner/journal.py; rebuilt by the report)
 
 
 def is_uri(path: str) -> bool:

@@ -1,5 +1,6 @@
 """The report of a search: RUN_DIR/report.html with its plots in RUN_DIR/report/*.png, and the
-Optuna study in RUN_DIR/optuna.journal (open it with `optuna-dashboard RUN_DIR/optuna.journal`).
+Optuna study in RUN_DIR/optuna.journal (open it with `optuna-dashboard RUN_DIR/optuna.journal`):
+the one the search wrote as it ran is kept, else it is written from the tables (tuner/journal.py).
 
     tune-resnet report runs/quick-cifar10      # also written when a search ends
 
@@ -30,7 +31,8 @@ __all__ = ["BEST_DIR", "JOURNAL_FILE", "REPORT_DIR", "REPORT_FILE", "Plot", "Rep
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, list[str]]:
-    """RUN_DIR/report.html, RUN_DIR/report/*.png and RUN_DIR/optuna.journal; (html path, notes)."""
+    """RUN_DIR/report.html, RUN_DIR/report/*.png and RUN_DIR/optuna.journal (the search's kept,
+    else written); (html path, notes)."""
     run = load_run(run_dir)
     notes = []
     try:

@@ -16,7 +16,7 @@ from ..storage import BEST_DIR
 
 REPORT_FILE = "report.html"
 REPORT_DIR = "report"          # the PNGs, referenced from report.html as report/<name>.png
-JOURNAL_FILE = "optuna.journal"
+JOURNAL_FILE = storage.JOURNAL_FILE  # written by the search as it runs (tuner/journal.py), else by the report
 
 @dataclass(frozen=True)
 class Run:

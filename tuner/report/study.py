@@ -1,35 +1,19 @@
 """The Optuna study, rebuilt from trials.parquet with the space's distributions: the study the
-plots read, RUN_DIR/optuna.journal for optuna-dashboard, and the parameter importances."""
+plots read, RUN_DIR/optuna.journal for optuna-dashboard where the search left none (older runs, a
+run folder at a URI), and the parameter importances."""
 
 from __future__ import annotations
 
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 import optuna
 
+from .. import journal
+from ..journal import JournalStudy, StudyShape, param_distributions
+from ..results import params_of
 from .run import JOURNAL_FILE, Run, curve, finite
-
-
-def param_distributions(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
-    """Distributions of the sampled params of search.json's space (a SearchSpec.model_dump);
-    constants (`value`) are not sampled, so they have none."""
-    distributions = {}
-    for name, param in space.get("params", {}).items():
-        param = {key: value for key, value in param.items() if value is not None}
-        ints = param.get("int", param.get("int_"))
-        if "uniform" in param:
-            distributions[name] = optuna.distributions.FloatDistribution(*param["uniform"])
-        elif "loguniform" in param:
-            distributions[name] = optuna.distributions.FloatDistribution(*param["loguniform"], log=True)
-        elif ints is not None:
-            distributions[name] = optuna.distributions.IntDistribution(
-                *ints, log=bool(param.get("log")), step=param.get("step") or 1)
-        elif "choice" in param:
-            distributions[name] = optuna.distributions.CategoricalDistribution(param["choice"])
-    return distributions
 
 
 def frozen_trials(run: Run) -> list[optuna.trial.FrozenTrial]:
@@ -55,14 +39,16 @@ def frozen_trials(run: Run) -> list[optuna.trial.FrozenTrial]:
     return out
 
 
-def build_study(run: Run, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+def build_study(run: Run) -> optuna.Study:
+    """The study the plots read, in memory: ASHA-stopped trials COMPLETE with their best value, as
+    the sampler saw them (the importances need their values); the journal's study calls them PRUNED."""
     direction = "maximize" if run.mode == "max" else "minimize"
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created ..." in our output
     try:
         with warnings.catch_warnings():  # set_metric_names is marked experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study = optuna.create_study(study_name=run.name, storage=storage, direction=direction)
+            study = optuna.create_study(study_name=run.name, direction=direction)
             study.set_metric_names([run.metric])
         study.add_trials(frozen_trials(run))
     finally:
@@ -71,18 +57,40 @@ def build_study(run: Run, storage: optuna.storages.BaseStorage | None = None) ->
 
 
 def write_journal(run: Run) -> Path:
-    """RUN_DIR/optuna.journal, written afresh: the study as the search ran it, for optuna-dashboard."""
-    from optuna.storages.journal import JournalFileBackend
-
+    """RUN_DIR/optuna.journal for optuna-dashboard. The one the search wrote as its trials went
+    (tuner/journal.py) is kept as it is when it holds every trial of trials.parquet (a search
+    still to be resumed included). Otherwise (a run from before the live journal, a run folder at
+    a URI read from a local copy, a journal the search stopped writing after an error) it is
+    written afresh from the tables, by the same code in the same shape, and swapped in whole."""
     path = run.folder / JOURNAL_FILE
+    if journal.is_live_and_whole(path, run.name, [t["trial_id"] for t in run.trials]):
+        return path
     fresh = path.with_name(f".{JOURNAL_FILE}.new")  # built aside: a failure keeps the journal there was
     fresh.unlink(missing_ok=True)
-    storage = optuna.storages.JournalStorage(JournalFileBackend(str(fresh)))
-    study = build_study(run, storage)
-    study.set_user_attr("run_dir", str(run.folder.resolve()))
-    del study, storage  # the backend holds no open file between writes; replace it now
+    shape = StudyShape.of(run.name, run.record)
+    replayed = JournalStudy(None, shape)
+    replay(run, replayed)
+    study = JournalStudy(fresh, shape, attrs={"run_dir": str(run.folder.resolve())})
+    study.study.add_trials(replayed.study.get_trials(deepcopy=False))
+    del study  # the backend holds no open file between writes; replace it now
     os.replace(fresh, path)
     return path
+
+
+def replay(run: Run, study: JournalStudy) -> None:
+    """Each trial of the tables told to the study as the search would have, in the table's order:
+    its start, each epoch of history.parquet (with the trial's measured columns), its end."""
+    for trial in run.trials:
+        ray_id, status = trial["trial_id"], trial["status"]
+        try:
+            study.start(ray_id, params_of(trial))
+        except ValueError:  # a value outside the space (the YAML changed since): leave that trial out
+            continue
+        rows = sorted(run.history_by_trial.get(ray_id, ()), key=lambda r: r["training_iteration"])
+        measured = {m: trial.get(m) for m in study.shape.metrics}
+        for i, row in enumerate(rows):
+            study.report(ray_id, {**measured, **row, "diverged": status == "diverged" and i == len(rows) - 1})
+        study.end(ray_id, status, int(trial.get("epochs") or 0))
 
 
 def param_importances(study: optuna.Study) -> dict[str, dict[str, float]]:
