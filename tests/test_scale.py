@@ -6,6 +6,7 @@ trial go only once a save of Ray's names a newer one; a report of 300 trials sta
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,7 +36,7 @@ def write_state(folder: Path, saved: int) -> None:
         (folder / name).write_text(f"pickle {saved}")
 
 
-def test_backup_copies_only_the_files_that_changed_and_still_restores(tmp_path):
+def test_backup_copies_the_files_when_one_changed_and_still_restores(tmp_path):
     run, staging = tmp_path / "run", tmp_path / "staging"
     write_state(staging, 1)
     backup = StateBackup(str(run), source=str(staging))
@@ -49,12 +50,32 @@ def test_backup_copies_only_the_files_that_changed_and_still_restores(tmp_path):
     (staging / STATE).write_text(json.dumps({"saved": 2, "trials": ["more"]}))  # Ray saved again
     assert backup.update() and backup.copies == 2
     assert json.loads((run / STATE_BACKUP / STATE).read_text())["saved"] == 2
-    assert (run / STATE_BACKUP / OTHERS[0]).stat().st_mtime_ns == first[OTHERS[0]]  # unchanged: not copied
+    assert (run / STATE_BACKUP / OTHERS[0]).stat().st_mtime_ns != first[OTHERS[0]]  # copied with it: one save's set
 
     write_state(run, 2)
     (run / STATE).write_bytes(b"")  # Ray's copy into the run folder, cut off by a kill
     assert "restored the copy" in repair_state(str(run))
     assert json.loads((run / STATE).read_text())["saved"] == 2
+
+
+def test_a_save_within_one_tick_of_the_file_clock_is_still_copied(tmp_path):
+    """Ray saves search_gen_state (the concurrency limiter's running trials) by rename; two saves
+    within one tick of the kernel's coarse file clock, with trial ids of one length, leave size and
+    mtime alike. The backup then kept the limiter's state of the save before beside the searcher's
+    of the save after, and --resume waited forever for a trial it counted as running."""
+    run, staging = tmp_path / "run", tmp_path / "staging"
+    write_state(staging, 1)
+    backup = StateBackup(str(run), source=str(staging))
+    assert backup.update()
+    gen = staging / OTHERS[0]
+    before = gen.stat()
+    fresh = staging / ".gen.tmp"  # as Ray's _atomic_save writes it
+    fresh.write_text("pickle 2")
+    os.utime(fresh, ns=(before.st_atime_ns, before.st_mtime_ns))  # the same tick
+    os.replace(fresh, gen)
+    assert (gen.stat().st_size, gen.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert backup.update() and backup.copies == 2
+    assert (run / STATE_BACKUP / OTHERS[0]).read_text() == "pickle 2"
 
 
 def test_backup_of_the_run_folder_skips_a_file_cut_off(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 
 import pyarrow.fs as pafs
 
@@ -46,9 +47,13 @@ class StateBackup:
 
     Ray rewrites its whole state (every trial's JSON: 23 MB at 1,000 trials) when it saves,
     every 10 s or more, or when a trial's checkpoints force it. Copying and parsing all of it each
-    time a trial ended made the backup grow with the trials already run; now a file is copied
-    only when its size or time differ from the copy taken last, so a backup costs at most one
-    copy per save of Ray's.
+    time a trial ended made the backup grow with the trials already run; now the files are copied
+    only when one of them changed since the copy taken last, so a backup costs at most one copy
+    per save of Ray's. They are copied all together: a set from one save, never the searcher's
+    state of one save beside the concurrency limiter's of the one before (seen: --resume then
+    waited forever for a trial the limiter still counted as running). A change is told by size,
+    time and, from the local staging folder, the inode: Ray saves two of the files by rename, and
+    two saves within one tick of the kernel's coarse file clock can leave size and time alike.
 
     source: where the files are read. The run folder (default), where Ray's copy may be cut off,
     so each changed file is checked whole first; or Ray's own staging folder on the driver, which
@@ -57,7 +62,7 @@ class StateBackup:
 
     def __init__(self, run_dir: str, source: str | None = None) -> None:
         self.run_dir, self.source = run_dir, source
-        self.copied: dict[str, tuple[int, int]] = {}  # file name -> (size, mtime_ns) of the copy taken
+        self.copied: dict[str, tuple[int, ...]] = {}  # file name -> _signature of the copy taken
         self.names: list[str] = []  # the state files' names, listed once: not a listing per call
         self.copies = 0  # how many times files were copied (tuner._ray.PruneCheckpoints waits for one)
 
@@ -68,17 +73,24 @@ class StateBackup:
         try:
             source_fs, source = (pafs.LocalFileSystem(), self.source) if self.source else (fs, folder)
             files = self._files(source_fs, source)
-            changed = [f for f in files if self.copied.get(f.base_name) != (f.size, f.mtime_ns)]
+            signatures = {f.base_name: self._signature(f) for f in files}
+            changed = files if any(self.copied.get(n) != sig for n, sig in signatures.items()) else []
             if not files or (not self.source and not all(_whole(source_fs, f) for f in changed)):
                 return False  # keep the last whole copy
             if changed:
                 _copy_into(source_fs, changed, fs, f"{folder}/{STATE_BACKUP}")
-                self.copied.update({f.base_name: (f.size, f.mtime_ns) for f in changed})
+                self.copied = signatures
                 self.copies += 1
                 _delete_stale(fs, f"{folder}/{STATE_BACKUP}", {info.base_name for info in files})
             return True
         except OSError:
             return False
+
+    def _signature(self, info: pafs.FileInfo) -> tuple[int, ...]:
+        if self.source:  # a local folder: the inode too
+            stat = os.stat(info.path)
+            return stat.st_size, stat.st_mtime_ns, stat.st_ino
+        return info.size, info.mtime_ns
 
     def _files(self, fs: pafs.FileSystem, folder: str) -> list[pafs.FileInfo]:
         """The state files: by their names once known (a folder of 1,000 trials is not listed each
