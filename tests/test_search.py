@@ -593,3 +593,33 @@ def test_shipped_space_samples_configs_a_trial_accepts(path):
         study.tell(trial, 0.5)
     # the sampled parameters do vary (a space that pins everything would search nothing)
     assert any(len(values) > 1 for values in seen.values()), seen
+
+
+def test_resume_settles_a_concurrency_limiter_saved_beside_a_later_state(finished_search, tmp_path):
+    """Ray's state files written by two saves (a driver killed while Ray copied them): the
+    limiter's running trials name one the experiment state has ended. Before a restore they are
+    settled, or Ray would wait forever for a free slot; an unfinished trial stays counted."""
+    import ray.cloudpickle as cloudpickle
+
+    from tuner._ray import settle_concurrency
+
+    folder, _, _ = finished_search
+    run = tmp_path / "run"
+    run.mkdir()
+    for path in [*(folder / "runs" / "first").glob("*_state-*.json"), *(folder / "runs" / "first").glob("searcher-state-*")]:
+        (run / path.name).write_bytes(path.read_bytes())
+    [gen] = run.glob("search_gen_state-*.json")
+    state = cloudpickle.loads(gen.read_bytes())
+    [experiment] = run.glob("experiment_state-*.json")
+    saved = json.loads(experiment.read_text())
+    ended = json.loads(saved["trial_data"][0][0])["trial_id"]
+    running = json.loads(saved["trial_data"][1][0])
+    running["status"] = "RUNNING"  # as if it had been running at the save
+    saved["trial_data"][1][0] = json.dumps(running)
+    experiment.write_text(json.dumps(saved))
+    state["name:ConcurrencyLimiter"].update(live_trials={ended, running["trial_id"]}, num_unfinished_live_trials=2)
+    gen.write_bytes(cloudpickle.dumps(state))
+
+    settle_concurrency(str(run))
+    limiter = cloudpickle.loads(gen.read_bytes())["name:ConcurrencyLimiter"]
+    assert limiter["live_trials"] == {running["trial_id"]} and limiter["num_unfinished_live_trials"] == 1

@@ -7,6 +7,7 @@ run comes in as a tuner.plan.SearchPlan; the saved state's backup is tuner/ray_s
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -278,6 +279,7 @@ def run_search(plan: SearchPlan, *, listener: Any, resume: bool, log: Any = None
         # Gaussian process there, often for more than Ray's 1 s, while the space itself takes microseconds.
         warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument took")
     if resume:
+        settle_concurrency(path)
         tuner = tune.Tuner.restore(path, trainable=_trainable(plan), resume_errored=True)
     else:
         tuner = tune.Tuner(_trainable(plan), tune_config=_tune_config(plan), run_config=_run_config(plan, callbacks))
@@ -291,6 +293,7 @@ def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: 
     path = confirm_dir(plan)
     trainable = _trainable(plan, confirm_trial)
     if resume:
+        settle_concurrency(path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
     backup = BackUpState(path)
     callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metric), backup,
@@ -301,6 +304,38 @@ def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: 
     run_config.name, run_config.storage_path = storage.CONFIRM_DIR, plan.run_dir
     return tune.Tuner(trainable, param_space={"run": tune.grid_search(runs)}, tune_config=config,
                       run_config=run_config).fit()
+
+
+def settle_concurrency(run_dir: str) -> None:
+    """Before a restore: the trials Ray's concurrency limiter counts as running (saved in
+    search_gen_state) must be trials its saved experiment state has unfinished. A driver killed
+    while Ray copied its files into the run folder can leave them from two saves, one naming as
+    running a trial the other has ended; Ray would then wait forever for a free slot. Local run
+    folders; Ray's own file formats, read and written with Ray's helpers."""
+    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
+
+    folder = storage.local_path(run_dir)
+    try:
+        state = _load_newest_checkpoint(folder, "search_gen_state-*.json") if folder else None
+        limiter = (state or {}).get("name:ConcurrencyLimiter")
+        if not limiter or not limiter.get("live_trials"):
+            return
+        unfinished = _unfinished_trials(folder)
+        stale = {t for t in limiter["live_trials"] if t not in unfinished}
+    except (OSError, ValueError, KeyError, EOFError):  # nothing readable to settle: Ray's restore says so
+        return
+    if stale:
+        limiter["live_trials"] -= stale
+        limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
+        name = max(Path(folder).glob("search_gen_state-*.json")).name
+        _atomic_save(state, folder, name, f"tmp-{name}")
+
+
+def _unfinished_trials(folder: str) -> set[str]:
+    """Trial ids the newest saved experiment state has neither TERMINATED nor ERROR."""
+    newest = max(Path(folder).glob("experiment_state-*.json"))
+    trials = [json.loads(entry[0]) for entry in json.loads(newest.read_text())["trial_data"]]
+    return {t["trial_id"] for t in trials if t.get("status") not in ("TERMINATED", "ERROR")}
 
 
 def _confirm_dirname(trial) -> str:
