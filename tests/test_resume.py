@@ -63,7 +63,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, im
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
     driver.wait()
     before = {p.parent.name: p.read_text().count("\n") for p in experiment.glob("trial_*/result.json")}
-    assert 2 <= sum(1 for lines in before.values() if lines) < 6, before
+    # Ray rewrites these copies in place at each save: a kill can catch one empty (seen once)
+    assert 1 <= sum(1 for lines in before.values() if lines) < 6, before
     if state == "cut off":
         for path in [*experiment.glob("experiment_state-*.json"), *experiment.glob("search*state-*")]:
             path.write_bytes(b"")

@@ -240,3 +240,23 @@ def test_windowed_tpe_is_tpe_up_to_its_window_and_bounded_past_it():
     assert {t.number for t in best} <= {t.number for t in kept}  # the best kept, with the latest
     assert study.trials[-1].number in {t.number for t in kept}
     assert len(draws(windowed, 200)) == 3
+
+
+def test_the_backup_is_one_saves_set_even_when_a_kill_cuts_the_swap(tmp_path):
+    """The set is copied aside and swapped in by rename; a kill between the two renames leaves the
+    previous whole set in .state-backup.old, which repair_state puts back."""
+    run, staging = tmp_path / "run", tmp_path / "staging"
+    write_state(staging, 1)
+    backup = StateBackup(str(run), source=str(staging))
+    assert backup.update()
+    write_state(staging, 2)
+    assert backup.update() and backup.copies == 2
+    names = sorted(p.name for p in run.iterdir())
+    assert names == [STATE_BACKUP], names  # no .new or .old left behind
+    assert {p.read_text() for p in (run / STATE_BACKUP).iterdir() if p.name != STATE} == {"pickle 2"}
+
+    (run / STATE_BACKUP).rename(run / f"{STATE_BACKUP}.old")  # killed after the first rename
+    write_state(run, 3)
+    (run / STATE).write_bytes(b"")
+    assert "restored the copy" in repair_state(str(run))
+    assert json.loads((run / STATE).read_text())["saved"] == 2

@@ -604,9 +604,9 @@ def test_resume_settles_a_concurrency_limiter_saved_beside_a_later_state(finishe
     from tuner._ray import settle_concurrency
 
     folder, _, _ = finished_search
-    run = tmp_path / "run"
+    run, first = tmp_path / "run", folder / "runs" / "first"
     run.mkdir()
-    for path in [*(folder / "runs" / "first").glob("*_state-*.json"), *(folder / "runs" / "first").glob("searcher-state-*")]:
+    for path in [*first.glob("*_state-*.json"), *first.glob("searcher-state-*")]:
         (run / path.name).write_bytes(path.read_bytes())
     [gen] = run.glob("search_gen_state-*.json")
     state = cloudpickle.loads(gen.read_bytes())

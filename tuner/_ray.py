@@ -524,9 +524,13 @@ class BackUpState(tune.Callback):
         return self.backup.copies if self.backup else 0
 
     def _update(self, trial) -> None:
-        if self.backup is None:
+        if self.backup is None or self.backup.source is None:  # the staging folder appears at Ray's first save
             staging = getattr(trial.storage, "experiment_driver_staging_path", None) if trial.storage else None
-            self.backup = StateBackup(self.run_dir, source=staging if staging and os.path.isdir(staging) else None)
+            source = staging if staging and os.path.isdir(staging) else None
+            if self.backup is None or source:
+                copies = self.backup.copies if self.backup else 0
+                self.backup = StateBackup(self.run_dir, source=source)
+                self.backup.copies = copies
         self.backup.update()
 
     def on_step_end(self, iteration, trials, **info):

@@ -81,7 +81,6 @@ class StateBackup:
                 _copy_into(source_fs, changed, fs, f"{folder}/{STATE_BACKUP}")
                 self.copied = signatures
                 self.copies += 1
-                _delete_stale(fs, f"{folder}/{STATE_BACKUP}", {info.base_name for info in files})
             return True
         except OSError:
             return False
@@ -104,19 +103,26 @@ class StateBackup:
         return files
 
 
-def _delete_stale(fs: pafs.FileSystem, backup: str, names: set[str]) -> None:
-    for stale in _state_files(fs, backup):
-        if stale.base_name not in names:
-            fs.delete_file(stale.path)
-
-
 def _copy_into(source_fs: pafs.FileSystem, files: list[pafs.FileInfo], fs: pafs.FileSystem, backup: str) -> None:
-    """Copy, then rename: a backup is never half-written either."""
-    fs.create_dir(backup)
+    """One save's set, whole or not at all: copied into a folder of its own, then swapped in by
+    rename (a kill during a file-by-file copy once left a newer experiment state beside an older
+    searcher state, and the resumed search failed on a trial the searcher had never drawn)."""
+    fresh, old = f"{backup}.new", f"{backup}.old"
+    for folder in (fresh, old):
+        _delete_dir(fs, folder)
+    fs.create_dir(fresh)
     for info in files:
-        pafs.copy_files(info.path, f"{backup}/.{info.base_name}.tmp", source_filesystem=source_fs,
+        pafs.copy_files(info.path, f"{fresh}/{info.base_name}", source_filesystem=source_fs,
                         destination_filesystem=fs)
-        fs.move(f"{backup}/.{info.base_name}.tmp", f"{backup}/{info.base_name}")
+    if fs.get_file_info(backup).type == pafs.FileType.Directory:
+        fs.move(backup, old)
+    fs.move(fresh, backup)  # a kill before this line leaves the old set in backup.old: repair_state reads it
+    _delete_dir(fs, old)
+
+
+def _delete_dir(fs: pafs.FileSystem, folder: str) -> None:
+    if fs.get_file_info(folder).type == pafs.FileType.Directory:
+        fs.delete_dir(folder)
 
 
 def back_up_state(run_dir: str) -> bool:
@@ -132,7 +138,7 @@ def repair_state(run_dir: str) -> str | None:
     damaged = [info for info in _state_files(fs, folder) if not _whole(fs, info)]
     if not damaged:
         return None
-    copies = _state_files(fs, f"{folder}/{STATE_BACKUP}")
+    copies = _state_files(fs, f"{folder}/{STATE_BACKUP}") or _state_files(fs, f"{folder}/{STATE_BACKUP}.old")
     if not copies or not all(_whole(fs, c) for c in copies):
         raise ClusterError(f"--resume: Ray's saved state in {run_dir} is damaged ({damaged[0].base_name} is cut off: "
                            "the search was stopped while saving it) and there is no whole copy; run the search "
