@@ -534,10 +534,6 @@ def wait_for(condition, timeout_s: float, driver: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "seen in 2 of 3 runs (issue 22 item 3, open): the restarted trial trains epochs 3-4 on the head and ends "
-    "(status-index.jsonl has them), but its result.json in the run folder keeps only epochs 1-2, so the "
-    "tables call it early_stopped with 2 epochs; the first run, before the rebase onto main, passed"))
 def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break, image_folder, tmp_path):
     """SIGKILL to the worker node (its raylet and trial processes) while a trial trains there:
     Ray retries the trial on the head from its last checkpoint; the search ends with exactly

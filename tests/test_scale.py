@@ -16,7 +16,7 @@ import pytest
 
 from test_report import (T0, TRIALS, epoch_rows, write_experiment_state, write_search_json,
                          write_trial_folder)
-from tuner import results, status, storage
+from tuner import _ray, results, status, storage
 from tuner._ray import KEEP_CHECKPOINTS, PruneCheckpoints
 from tuner.ray_state import STATE_BACKUP, StateBackup, repair_state
 from tuner.screen import format_status
@@ -260,3 +260,35 @@ def test_the_backup_is_one_saves_set_even_when_a_kill_cuts_the_swap(tmp_path):
     (run / STATE).write_bytes(b"")
     assert "restored the copy" in repair_state(str(run))
     assert json.loads((run / STATE).read_text())["saved"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the tables from what the driver saw, where Ray's result.json copy stops short
+# ---------------------------------------------------------------------------------------------
+
+def test_a_history_short_of_the_last_result_is_completed_from_the_index(tmp_path):
+    """A trial restarted after its node was lost: Ray's result.json in the run folder holds epochs
+    1-2, the driver saw 1-4 (status index) and holds the last result whole."""
+    run = tmp_path / "run"
+    trial_dir = run / "trial_a"
+    trial_dir.mkdir(parents=True)
+    reports = [{"trial_id": "a", "training_iteration": e, "epoch": e, "val_acc": 0.1 * e, "train_loss": 2.0 - e / 10,
+                "node_id": "worker" if e <= 2 else "head"} for e in range(1, 5)]
+    (trial_dir / storage.RESULT_FILE).write_text("".join(json.dumps(r) + "\n" for r in reports[:2]))
+    lines = status.index_lines("start", "a", at=T0, logdir="trial_a")
+    for report in reports:
+        lines += status.index_lines("epoch", "a", at=T0, row=status.index_row(report, "val_acc"))
+    lines += status.index_lines("end", "a", at=T0, ray_status="TERMINATED")
+    storage.append_lines(str(run), storage.STATUS_INDEX, lines)
+    result = SimpleNamespace(metrics=reports[-1], path=str(trial_dir), filesystem=pafs.LocalFileSystem(),
+                             checkpoint=None, error=None, config={})
+
+    (record,) = _ray.records([result], str(run))
+    assert [h["training_iteration"] for h in record.history] == [1, 2, 3, 4]
+    assert record.history[2]["node_id"] == "head" and record.history[2]["val_acc"] == pytest.approx(0.3)
+    assert record.history[3] == reports[3]  # the last result whole: train_loss too
+    assert "train_loss" not in record.history[2]  # the index keeps few numbers, said so
+    # a history that is whole is left alone; without an index, the last result still ends it
+    whole = SimpleNamespace(**{**vars(result), "metrics": reports[1]})
+    assert [h["training_iteration"] for h in _ray.records([whole], str(run))[0].history] == [1, 2]
+    assert [h["training_iteration"] for h in _ray.records([result])[0].history] == [1, 2, 4]

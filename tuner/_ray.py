@@ -630,12 +630,17 @@ def _delete_checkpoints(trial) -> None:
 # Reading results back
 # ---------------------------------------------------------------------------------------------
 
-def records(grid: tune.ResultGrid) -> list[TrialRecord]:
+def records(grid: tune.ResultGrid, run_dir: str | None = None) -> list[TrialRecord]:
+    """A TrialRecord per trial of the grid. The history is Ray's result.json in the run folder,
+    completed where it stops short of the trial's last result (see _completed)."""
     out, retries = [], _retries(grid)
+    index = status.read_index(Path(run_dir)) if run_dir and not storage.is_uri(run_dir) else None
+    indexed = index[0] if index else {}
     for result in grid:
-        history = _read_history(result)
         trial_id = result.metrics.get("trial_id") if result.metrics else None
         trial_id = trial_id or Path(result.path).name
+        history = _completed(_read_history(result), result.metrics or {},
+                             indexed.get(trial_id, {}).get("rows", []))
         checkpoint = _as_uri(result.filesystem, result.checkpoint.path) if result.checkpoint else None
         if checkpoint and not _exists(result.filesystem, result.checkpoint.path):
             checkpoint = None  # pruned (PruneCheckpoints): finished below the best
@@ -672,3 +677,18 @@ def _as_uri(filesystem: Any, path: str) -> str:
 
 def _read_history(result: tune.Result) -> list[dict[str, Any]]:
     return storage.read_result_rows(result.path, result.filesystem)
+
+
+def _completed(history: list[dict[str, Any]], last: dict[str, Any],
+               indexed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history with the epochs Ray's result.json lacks. The run folder's result.json is Ray's
+    copy of the driver's file, and a trial restarted after its node was lost had its file replaced
+    by that copy (Ray's JsonLoggerCallback restores it from storage on each start): seen to end
+    with fewer epochs than the trial reported. The driver holds the trial's last result whole (the
+    last row) and the status index the few numbers of each epoch between (tuner/status.py)."""
+    have = int(history[-1].get("training_iteration") or 0) if history else 0
+    upto = int(last.get("training_iteration") or 0)
+    if upto <= have:
+        return history
+    between = [row for row in indexed if have < int(row.get("training_iteration") or 0) < upto]
+    return [*history, *between, last]

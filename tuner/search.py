@@ -124,8 +124,9 @@ def _search(spec: SearchSpec, plan: SearchPlan, resume: bool, say: Say,
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs, echo=say)
     started_at = time.time()
     grid = _ray.run_search(plan, listener=progress, resume=resume, log=log)
-    found = results.collect(_ray.records(grid), metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs,
-                            num_samples=plan.num_samples, started_at=started_at, measured=plan.measure)
+    found = results.collect(_ray.records(grid, plan.run_dir), metric=plan.metric, mode=plan.mode,
+                            max_epochs=plan.max_epochs, num_samples=plan.num_samples, started_at=started_at,
+                            measured=plan.measure)
     found = pareto.select(found, spec)  # several objectives, constraints, selection.pick: the front and the pick
     results.write(found, plan.run_dir)
     if _ray.interrupted(grid, None if plan.time_limit_s else plan.num_samples):
@@ -158,7 +159,7 @@ def _confirm(spec: SearchSpec, plan: SearchPlan, found: results.SearchResults, r
         f"epochs, no early stopping) -> {folder}")
     progress = Progress(metric=plan.metric, mode=plan.mode, max_epochs=plan.max_epochs, echo=say)
     grid = _ray.run_confirmation(plan, [r.to_dict() for r in runs], listener=progress, resume=resume, log=log)
-    confirmed = confirm.combine(found, _ray.records(grid), runs, chosen, max_epochs=plan.max_epochs,
+    confirmed = confirm.combine(found, _ray.records(grid, folder), runs, chosen, max_epochs=plan.max_epochs,
                                 seed=plan.base_config.seed)
     results.write(confirmed, plan.run_dir)
     if _ray.interrupted(grid, len(runs)):
