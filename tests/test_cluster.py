@@ -526,6 +526,11 @@ def index_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
+def came_back(run_dir: Path, first_nodes: list[str]) -> set[str]:
+    """The nodes other than those the cluster began with on which a trial reported an epoch."""
+    return {e["row"].get("node_id") for e in index_events(run_dir) if "row" in e} - {None, *first_nodes}
+
+
 def wait_for(condition, timeout_s: float, driver: subprocess.Popen) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -537,11 +542,15 @@ def wait_for(condition, timeout_s: float, driver: subprocess.Popen) -> None:
 def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break, image_folder, tmp_path):
     """SIGKILL to the worker node (its raylet and trial processes) while a trial trains there:
     Ray retries the trial on the head from its last checkpoint; the search ends with exactly
-    num_samples trials, none run twice, the restart counted; then the node comes back."""
+    num_samples trials, none run twice, the restart counted. Then the node comes back (a new
+    `ray start`) and trials run on it again: a trial starting on the head from then on waits at
+    its start (trial_hooks.PauseAndHold) until one has reported from the node that came back."""
     cluster = cluster_to_break
     worker_id = next(n for n in cluster["node_ids"] if n != cluster["head_id"])
-    space = write_space(tmp_path, image_folder, budget={"num_samples": 4, "max_epochs": 4, "grace_period": 4},
-                        trial={"cpus": 1, "gpus": 0, "hook": "trial_hooks:Pause", "hook_args": {"sleep_s": 1.0}})
+    hold = tmp_path / "hold"
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 4, "grace_period": 4},
+                        trial={"cpus": 1, "gpus": 0, "hook": "trial_hooks:PauseAndHold",
+                               "hook_args": {"sleep_s": 1.0, "hold": str(hold)}})
     run_dir = tmp_path / "runs" / "lost"
     command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--address", cluster["address"],
                "--storage", str(tmp_path / "runs"), "--name", "lost", "--no-refit"]
@@ -556,16 +565,20 @@ def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break,
         cluster["nodes"][1].wait()
         restarted = lambda: sum(e.get("trial_id") == lost and "started" in e for e in index_events(run_dir)) >= 2  # noqa: E731
         wait_for(restarted, 180, driver)
+        (tmp_path / "hold.new").write_text(cluster["head_id"])
+        os.replace(tmp_path / "hold.new", hold)  # whole when the hook reads it
         cluster["nodes"].append(start_node(cluster["temp_dir"], cluster["temp_dir"] / "worker-back.log",
                                            cluster["env"], "--address", cluster["address"]))  # the node comes back
+        wait_for(lambda: came_back(run_dir, cluster["node_ids"]), 180, driver)
+        hold.unlink()
         output = driver.communicate(timeout=400)[0]
     finally:
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, output
     trials, history, summary = run_tables(run_dir)
-    assert len(trials) == 4 and len({t["trial_id"] for t in trials}) == 4  # exactly num_samples
-    assert summary["by_status"]["completed"] == 4, [(t["trial_id"], t["status"], t["epochs"], t["retries"], t["error"])
+    assert len(trials) == 6 and len({t["trial_id"] for t in trials}) == 6  # exactly num_samples
+    assert summary["by_status"]["completed"] == 6, [(t["trial_id"], t["status"], t["epochs"], t["retries"], t["error"])
                                                     for t in trials]
     by_id = {t["trial_id"]: t for t in trials}
     assert by_id[lost]["retries"] >= 1 and summary["retries"] == sum(t["retries"] for t in trials)
@@ -574,3 +587,5 @@ def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break,
     for trial_id in by_id:  # no epoch trained twice: the retry went on from its checkpoint
         epochs = [h["training_iteration"] for h in history if h["trial_id"] == trial_id]
         assert epochs == [1, 2, 3, 4], (trial_id, epochs)
+    assert len(came_back(run_dir, cluster["node_ids"])) == 1  # the node started again: a new node id
+    assert any(by_id[t]["node_id"] in came_back(run_dir, cluster["node_ids"]) for t in by_id)

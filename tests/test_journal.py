@@ -247,19 +247,22 @@ def journal_while_running(path: Path, name: str, driver, *,
     return later
 
 
-def check_resumed_journal(path: Path, name: str, before: dict[str, tuple[int, TrialState]], trials: list[dict]) -> None:
+def check_resumed_journal(path: Path, name: str, before: dict[str, tuple[int, TrialState]], trials: list[dict],
+                          ended: set[str] = frozenset()) -> None:
     """After a kill and --resume (tests/test_resume.py): each Ray trial of trials.parquet once in the
     journal, all ended; one RUNNING at the kill that Ray continued is the same journal trial; the ones
     ended before the kill stay as they were, the others end as trials.parquet says; a trial Ray
-    lost with the driver (started after its last save) ended FAIL as `lost`."""
+    lost with the driver (started after its last save) ended FAIL as `lost`, unless it had ended
+    before the kill (in `ended`, by the status index): then it stays as it ended."""
     study = read(path, name)
     journal_ids = [t.user_attrs["ray_trial_id"] for t in study.trials]
     assert len(journal_ids) == len(set(journal_ids))  # no Ray trial twice
     by_id = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
     ray_ids = {t["trial_id"] for t in trials}
     assert ray_ids <= set(by_id) and all(t.state.is_finished() for t in study.trials)
-    lost = [t for ray_id, t in by_id.items() if ray_id not in ray_ids]
+    lost = [t for ray_id, t in by_id.items() if ray_id not in ray_ids and ray_id not in ended]
     assert all(t.state == TrialState.FAIL and t.user_attrs["status"] == "lost" for t in lost)
+    assert all(by_id[ray_id].user_attrs["status"] != "lost" for ray_id in set(ended) & set(by_id))
     for ray_id, (number, state) in before.items():
         assert by_id[ray_id].number == number and (by_id[ray_id].state == state or not state.is_finished())
     expected = {"completed": TrialState.COMPLETE, "early_stopped": TrialState.PRUNED}

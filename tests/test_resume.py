@@ -17,6 +17,7 @@ import pytest
 from test_journal import check_resumed_journal, journal_while_running
 from test_search import run_tables, search, write_space
 from trial_hooks import with_tests_on_path
+from tuner import status
 from tuner._ray import CheckpointPacer
 from tuner.journal import JOURNAL_FILE
 from tuner.ray_state import STATE_BACKUP, back_up_state, repair_state
@@ -27,6 +28,28 @@ def reported_trials(experiment: Path) -> int:
     return sum(1 for path in experiment.glob("trial_*/result.json") if path.stat().st_size)
 
 
+def saved_statuses(folder: Path) -> dict[str, str]:
+    """trial id -> Ray's status in the newest experiment state in FOLDER; empty when none or cut off."""
+    states = sorted(folder.glob("experiment_state-*.json"))
+    try:
+        trials = [json.loads(entry[0]) for entry in json.loads(states[-1].read_text())["trial_data"]]
+    except (IndexError, ValueError, KeyError):
+        return {}
+    return {t["trial_id"]: t.get("status") for t in trials}
+
+
+def ended_by_index(folder: Path) -> set[str]:
+    """Trial ids the status index (written by the driver as trials go) has ended (TERMINATED)."""
+    index = status.read_index(folder)
+    return {trial_id for trial_id, entry in (index[0] if index else {}).items() if entry["status"] == "TERMINATED"}
+
+
+def ended_after_the_save(folder: Path) -> set[str]:
+    """Ended by the index, running (or pending) in the saved state: ended after Ray's last save."""
+    statuses = saved_statuses(folder)
+    return {t for t in ended_by_index(folder) if statuses.get(t) in ("RUNNING", "PENDING", "PAUSED")}
+
+
 def ended_in_saved_state(folder: Path) -> set[str]:
     """Trial ids that the newest experiment state in FOLDER has ended (TERMINATED); empty when there
     is none, or it is cut off. What --resume restores is this state, not the result.json files: Ray
@@ -34,23 +57,30 @@ def ended_in_saved_state(folder: Path) -> set[str]:
     folder can be ahead of the state beside it (seen on CI: a trial with its 3 epochs in result.json
     was still running in the state, and the resume ran its epoch 3 again from its epoch-2 checkpoint,
     as Ray promises: nothing lost beyond the last checkpoint)."""
-    states = sorted(folder.glob("experiment_state-*.json"))
-    try:
-        trials = [json.loads(entry[0]) for entry in json.loads(states[-1].read_text())["trial_data"]]
-    except (IndexError, ValueError, KeyError):
-        return set()
-    return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+    return {trial_id for trial_id, status_ in saved_statuses(folder).items() if status_ == "TERMINATED"}
 
 
-def driver_after_two_trials(space: Path, storage: Path, name: str, *, backed_up: bool = False) -> subprocess.Popen:
+def started_per_trial(folder: Path) -> dict[str, int]:
+    """How many times each trial started, by the status index (a retry or a resume starts it again)."""
+    counts: dict[str, int] = {}
+    for line in (folder / "status-index.jsonl").read_text().splitlines():
+        event = json.loads(line) if line.endswith("}") else {}
+        if "started" in event:
+            counts[event["trial_id"]] = counts.get(event["trial_id"], 0) + 1
+    return counts
+
+
+def driver_after_two_trials(space: Path, storage: Path, name: str, *, backed_up: bool = False,
+                            ended_after_save: bool = False) -> subprocess.Popen:
     """A search driver in its own process group (with its embedded Ray), once two trials reported and
-    Ray's saved state in the run folder (with backed_up: in the copy of it) has one ended."""
+    Ray's saved state in the run folder (with backed_up: in the copy of it) has one ended; with
+    ended_after_save, Ray saves every 3 s and the driver is left once a trial has ended since."""
     command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
                "--name", name, "--max-concurrent", "1", "--no-refit", "--cpus", "1"]
     # Ray saves its state into the run folder every 10 s or more (its own period, at most 5% of the
     # time: the search no longer forces a save per trial); these trials take a second, so here Ray
     # saves at every step, and the folder holds what a kill would find in a real search.
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
+    env = with_tests_on_path({**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "3" if ended_after_save else "0"})
     driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env=env)
     deadline = time.monotonic() + 240
@@ -58,7 +88,9 @@ def driver_after_two_trials(space: Path, storage: Path, name: str, *, backed_up:
     def ready() -> bool:  # and a trial ended in the state --resume will read: the test's claim is about it
         if reported_trials(storage / name) < 2:
             return False
-        return bool(ended_in_saved_state(storage / name / STATE_BACKUP if backed_up else storage / name))
+        if not ended_in_saved_state(storage / name / STATE_BACKUP if backed_up else storage / name):
+            return False
+        return not ended_after_save or bool(ended_after_the_save(storage / name))
 
     while not ready() and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.05)
@@ -66,15 +98,18 @@ def driver_after_two_trials(space: Path, storage: Path, name: str, *, backed_up:
     return driver
 
 
-@pytest.mark.parametrize("state", ["as saved", "cut off"])
+@pytest.mark.parametrize("state", ["as saved", "cut off", "a trial ended since"])
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, image_folder, tmp_path, state):
     """SIGKILL may land while Ray copies its state into the run folder, leaving the files empty
     ("cut off", made certain here): --resume then puts back the copy taken when a trial ended.
     The live optuna.journal is read while the search runs and checked after (tests/test_journal.py)."""
-    space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3})
+    slow = {"trial": {"cpus": 1, "gpus": 0, "hook": "trial_hooks:Pause", "hook_args": {"sleep_s": 0.7}}}
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3},
+                        **(slow if state == "a trial ended since" else {}))  # trials that span a save of Ray's
     storage = tmp_path / "runs"
     experiment = storage / "killed"
-    driver = driver_after_two_trials(space, storage, "killed", backed_up=state == "cut off")
+    driver = driver_after_two_trials(space, storage, "killed", backed_up=state == "cut off",
+                                     ended_after_save=state == "a trial ended since")
     journal = journal_while_running(experiment / JOURNAL_FILE, "killed", driver)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its embedded Ray, at once
     driver.wait()
@@ -85,11 +120,22 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, im
         for path in [*experiment.glob("experiment_state-*.json"), *experiment.glob("search*state-*")]:
             path.write_bytes(b"")
     # the state the resume restores: the run folder's (as saved: the kill may have cut it off too) or the copy
-    ended = ended_in_saved_state(experiment) or ended_in_saved_state(experiment / STATE_BACKUP)
-    assert ended
+    saved = ended_in_saved_state(experiment) or ended_in_saved_state(experiment / STATE_BACKUP)
+    assert saved
+    # what had ended, by the status index the driver wrote as trials went: those that ended after
+    # Ray's last save too (the resume marks them ended in the state it restores)
+    ended, since = ended_by_index(experiment), ended_after_the_save(experiment)
+    starts = started_per_trial(experiment)
+    assert saved <= ended
 
-    code, output = search("--space", str(space), "--storage", str(storage), "--name", "killed",
-                          "--max-concurrent", "1", "--no-refit", "--resume")
+    again = ["--space", str(space), "--storage", str(storage), "--name", "killed", "--max-concurrent", "1",
+             "--no-refit", "--resume"]
+    if state == "a trial ended since":  # its trials import trial_hooks: a driver with the tests on PYTHONPATH
+        done = subprocess.run([sys.executable, "-m", "tuner.cli", "search", *again, "--cpus", "1"], text=True,
+                              env=with_tests_on_path(dict(os.environ)), capture_output=True, timeout=300)
+        code, output = done.returncode, done.stdout + done.stderr
+    else:
+        code, output = search(*again)
     assert code == 0, output
     assert "resuming" in output
     if state == "cut off":  # (as saved, the kill may still have cut the copy off: no claim either way)
@@ -104,7 +150,10 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, im
     for name, text in before.items():  # a trial that had ended was not run again, not even in part
         if name.split("_")[1] in ended:
             assert after[name] == text, name
-    check_resumed_journal(experiment / JOURNAL_FILE, "killed", journal, trials)
+    assert all(started_per_trial(experiment)[trial_id] == starts[trial_id] for trial_id in ended), (ended, starts)
+    if since:  # (state "a trial ended since" makes it near certain: Ray may still save between check and kill)
+        assert f"--resume: {len(since)} trial(s) ended after Ray last saved its state" in output, output
+    check_resumed_journal(experiment / JOURNAL_FILE, "killed", journal, trials, ended)
 
 
 def test_killed_trial_continues_from_its_checkpoint(image_folder, tmp_path):

@@ -82,3 +82,29 @@ class Pause:
 
     def on_epoch_end(self, trainer, row) -> None:
         time.sleep(self.sleep_s)
+
+
+class PauseAndHold:
+    """Pause's sleep_s after each epoch; and a trial that starts on a node named in the file
+    `hold` (a node id a line) waits at its start until the file is gone (at most timeout_s): a
+    test keeps a node busy so that the trials to come go elsewhere."""
+
+    def __init__(self, sleep_s: float, hold: str, timeout_s: float = 180.0) -> None:
+        self.sleep_s, self.hold, self.timeout_s = sleep_s, hold, timeout_s
+
+    def on_start(self, trainer) -> None:
+        import ray  # a test's hook, in a Ray worker: which node it runs on
+
+        node = ray.get_runtime_context().get_node_id()
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                held = Path(self.hold).read_text().split()
+            except FileNotFoundError:
+                return
+            if node not in held:
+                return
+            time.sleep(0.05)
+
+    def on_epoch_end(self, trainer, row) -> None:
+        time.sleep(self.sleep_s)

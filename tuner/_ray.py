@@ -338,6 +338,62 @@ def _unfinished_trials(folder: str) -> set[str]:
     return {t["trial_id"] for t in trials if t.get("status") not in ("TERMINATED", "ERROR")}
 
 
+def settle_ended(run_dir: str) -> int:
+    """Before a restore: the trials the status index saw end (Ray's TERMINATED) after Ray's last
+    save of its state, which still has them running. Ray saves every 10 s or more, so a driver
+    killed then would run them again from their last checkpoint on --resume. In the saved state
+    they become TERMINATED, their last result the saved one with the index's last report over it;
+    the saved searcher hears of their end as from Ray (OptunaSearch.on_trial_complete with that
+    result). Local run folders; Ray's own file formats. How many were settled."""
+    folder = storage.local_path(run_dir)
+    index = status.read_index(Path(folder)) if folder else None
+    ended = {trial_id: entry["rows"][-1] for trial_id, entry in (index[0] if index else {}).items()
+             if entry["status"] == "TERMINATED" and entry["rows"]}
+    states = sorted(Path(folder).glob("experiment_state-*.json")) if ended else []
+    try:
+        state = json.loads(states[-1].read_text())
+        entries = state["trial_data"]
+    except (IndexError, OSError, ValueError, KeyError):  # nothing readable: Ray's restore says so
+        return 0
+    settled: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        trial, run = json.loads(entry[0]), json.loads(entry[1])
+        trial_id = trial.get("trial_id")
+        if trial_id in ended and trial.get("status") in ("RUNNING", "PENDING", "PAUSED"):
+            trial["status"] = "TERMINATED"
+            run["last_result"] = settled[trial_id] = {**(run.get("last_result") or {}), **ended[trial_id]}
+            entry[0], entry[1] = json.dumps(trial, indent=2), json.dumps(run, indent=2)
+    if not settled:
+        return 0
+    _tell_searcher(folder, settled)
+    temporary = states[-1].with_name(f".settle-{states[-1].name}")
+    temporary.write_text(json.dumps(state))
+    os.replace(temporary, states[-1])
+    return len(settled)
+
+
+def _tell_searcher(folder: str, ended: dict[str, dict[str, Any]]) -> None:
+    """The searcher's saved state (searcher-state-*.pkl: OptunaSearch.save pickles its __dict__)
+    told of trials that ended, with their last results, through its own on_trial_complete."""
+    import pickle
+
+    paths = sorted(Path(folder).glob("searcher-state-*.pkl"))
+    try:
+        saved = pickle.loads(paths[-1].read_bytes())
+    except (IndexError, OSError, pickle.UnpicklingError, EOFError):
+        return
+    if not isinstance(saved, dict) or "_ot_trials" not in saved:  # not an OptunaSearch (a confirmation)
+        return
+    searcher = ConstrainedOptunaSearch.__new__(ConstrainedOptunaSearch)  # the search's own (run_search)
+    searcher.__dict__.update({"constraints": (), **saved})
+    for trial_id, result in ended.items():
+        if trial_id in searcher._ot_trials and trial_id not in searcher._completed_trials:
+            searcher.on_trial_complete(trial_id, result=result)
+    temporary = paths[-1].with_name(f".settle-{paths[-1].name}")
+    searcher.save(str(temporary))
+    os.replace(temporary, paths[-1])
+
+
 def _confirm_dirname(trial) -> str:
     """confirm_<trial id>_of_<search trial>_seed<seed>: short, where Ray's default spells out every param."""
     run = trial.config["run"]

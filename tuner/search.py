@@ -176,6 +176,9 @@ def _resume_possible(run_dir: str, say: Say) -> bool:
     if repaired:
         say(repaired)
     if _ray.can_resume(run_dir):
+        settled = _ray.settle_ended(run_dir)
+        if settled:
+            say(f"--resume: {settled} trial(s) ended after Ray last saved its state; kept as ended, not run again")
         return True
     say(f"--resume: nothing to resume at {run_dir}; starting anew")
     return False

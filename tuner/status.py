@@ -212,8 +212,8 @@ def _status(folder: Path, budget: Budget, trials: dict[str, TrialState], newest:
 # the status index: a line per trial started or ended, appended by the search's driver
 # ---------------------------------------------------------------------------------------------
 
-INDEX_FIELDS = ("trial_id", "training_iteration", "timestamp", "time_total_s", "epoch_time_s", "diverged", "node_id",
-                "val_acc", "val_loss")
+INDEX_FIELDS = ("trial_id", "training_iteration", "epoch", "timestamp", "time_total_s", "epoch_time_s", "diverged",
+                "node_id", "val_acc", "val_loss")
 
 
 def index_row(result: dict[str, Any], metric: str) -> dict[str, Any]:
