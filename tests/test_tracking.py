@@ -133,6 +133,37 @@ def test_refit_run_logs_a_model_that_predicts_as_tune_resnet_predict(tracked_sea
     assert abs(accuracy - metrics["test_acc"]) <= 0.005
 
 
+@pytest.mark.slow
+def test_refit_command_logs_a_refit_run_under_the_search_run(tracked_search):
+    """`tune-resnet refit RUN --mlflow URI` after the search: a second refit run under the search's
+    parent run (found by its run folder, left FINISHED), its model registered as the space says."""
+    run_dir, _, client, runs = tracked_search
+    [parent] = by_stage(runs, "search")
+    result = CliRunner().invoke(main, ["refit", str(run_dir), "--epochs", "1", "--mlflow", client.tracking_uri],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    refits = by_stage(client.search_runs([parent.info.experiment_id], max_results=100), "refit")
+    assert len(refits) == 2 and {r.data.tags["mlflow.parentRunId"] for r in refits} == {parent.info.run_id}
+    newest = max(refits, key=lambda r: r.info.start_time)
+    metrics = json.loads((run_dir / "best" / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and newest.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
+    assert newest.info.status == "FINISHED" and client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert f"model runs:/{newest.info.run_id}/model, registered as tiny-resnet version 2" in result.output
+
+
+@pytest.mark.slow
+def test_refit_command_with_an_unreachable_server_is_one_line_and_refits(tracked_search):
+    run_dir = tracked_search[0]
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(main, ["refit", str(run_dir), "--epochs", "1", "--mlflow", dead],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "tracking" in line]  # stderr's lines included
+    assert len(lines) == 1 and lines[0].startswith(f"tracking: MLflow at {dead} cannot be reached"), lines
+    assert lines[0].endswith("the refit goes on without it")
+    assert json.loads((run_dir / "best" / "metrics.json").read_text())["epochs"] == 1
+
+
 def decoded_test_images(model_dir: Path, folder: Path):
     """The images as tune-resnet predict decodes them: float32 (N, 3, H, W) pixel values."""
     from trainables.config import image_sizes

@@ -130,16 +130,21 @@ def search(**kwargs) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), help="Refit epochs [default: the space's].")
 @click.option("--pick", type=click.IntRange(min=0),
               help="Refit entry N of the Pareto front the summary lists [default: selection.pick, else the best].")
+@click.option("--mlflow", metavar="URI", help="Log the refit as a run with its model to MLflow at URI, under the "
+              "search's run there when it has one [default: the space's tracking.mlflow].")
 @torch_command
-def refit_command(run_dir: str, epochs: int | None, pick: int | None) -> None:
+def refit_command(run_dir: str, epochs: int | None, pick: int | None, mlflow: str | None) -> None:
     """Refit the best configuration of a finished search (its best, the confirmed pick, or the one --pick names) on train+val; test it once."""
     from trainables.finetune import check_model
 
-    from . import results
+    from . import results, storage, tracking
     from .pareto import choice
     from .refit import refit, refit_config, search_metrics
 
     record, summary = results.read_record(run_dir), results.read_summary(run_dir)
+    tracked = record.space.get("tracking") or {}
+    uri = mlflow or tracked.get("mlflow")
+    tracking.check_installed(uri)
     if not summary.found:
         raise SearchError(f"{run_dir}: no trial of this search gave a result, so there is nothing to refit")
     chosen = choice(summary, pick)
@@ -153,8 +158,14 @@ def refit_command(run_dir: str, epochs: int | None, pick: int | None) -> None:
         raise SearchError(f"{run_dir}: the chosen configuration cannot be trained: {error}") from None
     click.echo(f"refit: trial {chosen.trial_id}, by the {chosen.reason}")
     threads = int(max(1, record.space.get("trial", {}).get("cpus", 1)))
-    refit(run_dir, config=config, val_acc=chosen.val_acc, formats=record.export_formats, say=click.echo,
-          warn=functools.partial(click.echo, err=True), search_metrics=search_metrics(chosen, threads=threads))
+    warn = functools.partial(click.echo, err=True)
+    log = tracking.SearchLog(uri, warn, what="refit")
+    log.attach(experiment=tracked.get("experiment") or record.space.get("name") or "tune-resnet",
+               run_dir=str(Path(run_dir).resolve()), name=Path(run_dir).name)
+    metrics = refit(run_dir, config=config, val_acc=chosen.val_acc, formats=record.export_formats, say=click.echo,
+                    warn=warn, search_metrics=search_metrics(chosen, threads=threads))
+    log.refit(Path(run_dir) / storage.BEST_DIR, metrics, register=tracked.get("registered_model"), say=click.echo)
+    log.detach()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -171,10 +171,12 @@ class SearchLog:
     """The driver's MLflow calls. Inactive (every method does nothing) without a tracking URI, or
     once a call failed: that failure is told to `warn` in one line, once."""
 
-    def __init__(self, uri: str | None, warn: Callable[[str], None], *, verbose: bool = False) -> None:
-        self.uri, self.warn, self.verbose = uri, warn, verbose
+    def __init__(self, uri: str | None, warn: Callable[[str], None], *, verbose: bool = False,
+                 what: str = "search") -> None:
+        self.uri, self.warn, self.verbose, self.what = uri, warn, verbose, what
         self.target: Target | None = None
         self.client: Any = None
+        self.made_parent = False  # attach: no search run was found, one was made for the refit
 
     @property
     def active(self) -> bool:
@@ -184,14 +186,39 @@ class SearchLog:
         """The search's parent run: created, or on --resume the run of the same run folder reopened."""
         if not self.uri:
             return
+        if self._connect():
+            self._guard(lambda: self._start(experiment, run_dir, name, params, resume))
+
+    def attach(self, *, experiment: str, run_dir: str, name: str) -> None:
+        """For a refit of a finished search (`tune-resnet refit --mlflow`): the search's parent run,
+        found by its run folder and left as it is, or a new one made for the refit (ended by detach)."""
+        if self.uri and self._connect():
+            self._guard(lambda: self._attach(experiment, run_dir, name))
+
+    def _attach(self, experiment: str, run_dir: str, name: str) -> None:
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        run_id = _find_run(self.client, experiment_id, run_dir=run_dir, stage="search")
+        if run_id is None:
+            run_id = self.client.create_run(experiment_id, run_name=name,
+                                            tags={"run_dir": run_dir, "stage": "search"}).info.run_id
+            self.made_parent = True
+        self.target = Target(self.uri, experiment_id, run_id)
+
+    def detach(self) -> None:
+        """After attach: a parent run made for the refit is ended."""
+        if self.active and self.made_parent:
+            self._guard(lambda: self.client.set_terminated(self.target.parent_run_id, status="FINISHED"))
+
+    def _connect(self) -> bool:
         why = problem(self.uri)
         if why:
-            self.warn(f"tracking: MLflow at {self.uri} cannot be reached ({why}); the search goes on without it")
-            return
+            self.warn(f"tracking: MLflow at {self.uri} cannot be reached ({why}); the {self.what} goes on without it")
+            return False
         if not self.verbose:
             logging.getLogger("mlflow").setLevel(logging.WARNING)  # registration's progress lines
         self.client = client(self.uri)
-        self._guard(lambda: self._start(experiment, run_dir, name, params, resume))
+        return True
 
     def _start(self, experiment: str, run_dir: str, name: str, params: Mapping[str, Any], resume: bool) -> None:
         found = self.client.get_experiment_by_name(experiment)
@@ -251,7 +278,7 @@ class SearchLog:
             call()
         except Exception as error:  # the server went away mid-search: say it once, go on without it
             self.warn(f"tracking: MLflow at {self.uri} stopped answering ({first_line(error)}); "
-                      "the search goes on without it")
+                      f"the {self.what} goes on without it")
             self.target = None
 
 
