@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -201,6 +202,44 @@ def test_a_server_that_goes_away_mid_search_is_told_once(mlflow_server):
     log.finish("FINISHED")
     assert len(said) == 1 and said[0].startswith(f"tracking: MLflow at {mlflow_server} stopped answering")
     assert not log.active
+
+
+@pytest.fixture
+def hanging_up_server():
+    """A TCP server on 127.0.0.1 that accepts each connection and closes it at once (a server
+    gone bad); its URI and the list of connections it took."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    taken: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            taken.append(1)
+            connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}", taken
+    listener.close()
+
+
+def test_a_trial_whose_server_is_gone_tries_once_and_trains_unlogged(hanging_up_server):
+    """A trial's first call is not retried: one connection, where the driver's calls (MLflow's
+    bounded retries) take three."""
+    uri, taken = hanging_up_server
+    log = tracking.TrialLog(tracking.Target(uri, "0", "parent"), "t1", {"lr": 0.1})
+    log.on_start(None)
+    assert log.run_id is None and len(taken) == 1
+    log.on_epoch_end(None, {"epoch": 1, "val_acc": 0.5})  # nothing more is tried
+    assert len(taken) == 1
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    with pytest.raises(Exception):
+        tracking.client(uri).search_experiments(max_results=1)
+    assert len(taken) == 1 + 1 + int(tracking.ENV_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
 
 
 def test_resume_reopens_the_parent_run_of_the_same_run_folder(mlflow_server):

@@ -20,7 +20,8 @@ Who writes what:
 
 A tracking server that cannot be reached never stops a search: the driver says so in one line,
 once (at the start, or at its first failed call), and goes on without it; a trial that fails to
-log stops logging quietly. MLflow's HTTP retries are bounded here (MLFLOW_HTTP_REQUEST_* unless
+log stops logging quietly, and its first call is not retried (a server gone mid-search costs each
+later trial one refused connection). MLflow's HTTP retries are bounded here (MLFLOW_HTTP_REQUEST_* unless
 set): its default of 7 retries with exponential backoff would hold a search for minutes.
 """
 
@@ -44,6 +45,7 @@ from .errors import SearchError, first_line
 ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+FIRST_CALL_TIMEOUT_S = "10"  # a trial's first call to the server (TrialLog), as the driver's probe (problem)
 EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "train_acc", "lr", "epoch_time_s", "train_images_per_sec")
 MEASURED = ("params", "macs", "latency_ms", "latency_ms_b64")  # objectives a trial measures once (tuner/latency.py)
 RUN_STATUS = {"completed": "FINISHED", "early_stopped": "KILLED", "diverged": "FAILED", "errored": "FAILED"}
@@ -75,7 +77,7 @@ def check_installed(uri: str | None) -> None:
 
 def problem(uri: str) -> str | None:
     """Why the tracking server at uri cannot be used (one try, no retries), or None."""
-    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=FIRST_CALL_TIMEOUT_S):
         try:
             client(uri).search_experiments(max_results=1)
         except Exception as error:  # refused, timed out, not an MLflow server, a bad URI...
@@ -144,8 +146,11 @@ class TrialLog:
 
     def _open(self) -> None:
         self.client = client(self.target.uri)
-        run_id = _find_run(self.client, self.target.experiment_id, trial_id=self.trial_id,
-                           parent=self.target.parent_run_id)
+        # the trial's first call is not retried: a server gone since the search began costs each
+        # later trial one refused connection (or one timeout), not MLflow's retries and backoff
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=FIRST_CALL_TIMEOUT_S):
+            run_id = _find_run(self.client, self.target.experiment_id, trial_id=self.trial_id,
+                               parent=self.target.parent_run_id)
         if run_id is None:
             tags = {"mlflow.parentRunId": self.target.parent_run_id, "parent": self.target.parent_run_id,
                     "trial_id": self.trial_id, "stage": "trial"}
