@@ -333,9 +333,14 @@ def settle_concurrency(run_dir: str) -> None:
 
 def _unfinished_trials(folder: str) -> set[str]:
     """Trial ids the newest saved experiment state has neither TERMINATED nor ERROR."""
-    newest = max(Path(folder).glob("experiment_state-*.json"))
-    trials = [json.loads(entry[0]) for entry in json.loads(newest.read_text())["trial_data"]]
+    trials = [json.loads(entry[0]) for entry in _newest_state(folder)[1]["trial_data"]]
     return {t["trial_id"] for t in trials if t.get("status") not in ("TERMINATED", "ERROR")}
+
+
+def _newest_state(folder: str) -> tuple[Path, dict[str, Any]]:
+    """Ray's newest saved experiment state in folder: its path and its JSON (ValueError: none)."""
+    newest = max(Path(folder).glob("experiment_state-*.json"))
+    return newest, json.loads(newest.read_text())
 
 
 def settle_ended(run_dir: str) -> int:
@@ -349,11 +354,12 @@ def settle_ended(run_dir: str) -> int:
     index = status.read_index(Path(folder)) if folder else None
     ended = {trial_id: entry["rows"][-1] for trial_id, entry in (index[0] if index else {}).items()
              if entry["status"] == "TERMINATED" and entry["rows"]}
-    states = sorted(Path(folder).glob("experiment_state-*.json")) if ended else []
+    if not ended:
+        return 0
     try:
-        state = json.loads(states[-1].read_text())
+        path, state = _newest_state(folder)
         entries = state["trial_data"]
-    except (IndexError, OSError, ValueError, KeyError):  # nothing readable: Ray's restore says so
+    except (OSError, ValueError, KeyError):  # nothing readable: Ray's restore says so
         return 0
     settled: dict[str, dict[str, Any]] = {}
     for entry in entries:
@@ -366,9 +372,9 @@ def settle_ended(run_dir: str) -> int:
     if not settled:
         return 0
     _tell_searcher(folder, settled)
-    temporary = states[-1].with_name(f".settle-{states[-1].name}")
+    temporary = path.with_name(f".settle-{path.name}")
     temporary.write_text(json.dumps(state))
-    os.replace(temporary, states[-1])
+    os.replace(temporary, path)
     return len(settled)
 
 

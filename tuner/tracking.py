@@ -201,13 +201,7 @@ class SearchLog:
             self._guard(lambda: self._attach(experiment, run_dir, name))
 
     def _attach(self, experiment: str, run_dir: str, name: str) -> None:
-        found = self.client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        run_id = _find_run(self.client, experiment_id, run_dir=run_dir, stage="search")
-        if run_id is None:
-            run_id = self.client.create_run(experiment_id, run_name=name,
-                                            tags={"run_dir": run_dir, "stage": "search"}).info.run_id
-            self.made_parent = True
+        experiment_id, run_id, self.made_parent = self._parent(experiment, run_dir, name, find=True)
         self.target = Target(self.uri, experiment_id, run_id)
 
     def detach(self) -> None:
@@ -226,16 +220,23 @@ class SearchLog:
         return True
 
     def _start(self, experiment: str, run_dir: str, name: str, params: Mapping[str, Any], resume: bool) -> None:
+        experiment_id, run_id, made = self._parent(experiment, run_dir, name, find=resume)
+        if made:
+            self.client.log_batch(run_id, params=_params(params))
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.target = Target(self.uri, experiment_id, run_id)
+
+    def _parent(self, experiment: str, run_dir: str, name: str, *, find: bool) -> tuple[str, str, bool]:
+        """(experiment id, the search's run id, whether that run was made now): with find, the run
+        of the same run folder when there is one; the experiment is made when missing."""
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        run_id = _find_run(self.client, experiment_id, run_dir=run_dir, stage="search") if resume else None
-        if run_id:
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = self.client.create_run(experiment_id, run_name=name,
-                                            tags={"run_dir": run_dir, "stage": "search"}).info.run_id
-            self.client.log_batch(run_id, params=_params(params))
-        self.target = Target(self.uri, experiment_id, run_id)
+        run_id = _find_run(self.client, experiment_id, run_dir=run_dir, stage="search") if find else None
+        if run_id is not None:
+            return experiment_id, run_id, False
+        run = self.client.create_run(experiment_id, run_name=name, tags={"run_dir": run_dir, "stage": "search"})
+        return experiment_id, run.info.run_id, True
 
     def trial_ended(self, trial_id: str, outcome: str) -> None:
         """Tag and end a trial's run (created here, FAILED, when the trial never got to open it)."""
