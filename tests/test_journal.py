@@ -139,6 +139,48 @@ def test_a_dead_writers_lock_and_cut_line_are_repaired(tmp_path):
     assert not os.path.lexists(f"{path}.lock")
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_gathered_lines_are_written_together_at_most_once_a_second_and_read_back_in_order(tmp_path, monkeypatch):
+    """The live journal's backend: one lock and fsync for many lines; this process sees them all at once."""
+    path, clock = tmp_path / JOURNAL_FILE, Clock()
+    monkeypatch.setattr(journal.time, "monotonic", clock)
+    writes = []
+    original = optuna.storages.journal.JournalFileBackend.append_logs
+    monkeypatch.setattr(optuna.storages.journal.JournalFileBackend, "append_logs",
+                        lambda self, logs: (writes.append(len(logs)), original(self, logs))[1])
+    study = JournalStudy(path, ONE, gather=True)  # made and written at once: the first line is due
+    study.flush()
+    made, flushes = sum(writes), len(writes)
+    study.start("a", {"lr": 0.01})
+    epochs(study, "a", [0.5, 0.8])
+    assert read(path).trials == [] and sum(writes) == made  # held: none of them in the file yet
+    assert study.study.trials[0].intermediate_values == {1: 0.5, 2: 0.8}  # but current here
+    study.flush_if_due()
+    assert read(path).trials == []  # not a second yet
+    clock.now += journal.GATHER_S
+    study.flush_if_due()
+    assert len(writes) == flushes + 1 and read(path).trials[0].intermediate_values == {1: 0.5, 2: 0.8}
+    study.end("a", "completed", 2)  # held again; a second on, the next line writes them all
+    clock.now += journal.GATHER_S
+    study.start("b", {"lr": 0.02})
+    assert len(writes) == flushes + 2 and by_ray_id(read(path))["a"].state == TrialState.COMPLETE
+
+    again = JournalStudy(path, ONE, gather=True)  # a resumed driver: the file's lines, numbered on from them
+    again.report("b", {"training_iteration": 1, "val_acc": 0.3})
+    again.end("b", "early_stopped", 1)
+    again.flush()
+    trials = by_ray_id(read(path))
+    assert trials["b"].state == TrialState.PRUNED and trials["b"].intermediate_values == {1: 0.3}
+    assert [t.number for t in read(path).trials] == [0, 1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Mirror: the driver's handle, fed plain values; never raises
 # ---------------------------------------------------------------------------------------------
@@ -180,21 +222,44 @@ def test_mirror_pickles_without_its_open_journal_and_the_copy_resumes_it(run_fol
     mirror.start("b", {"lr": 0.02})
     assert mirror.begun and not pickle.loads(pickle.dumps(mirror)).begun  # a copy begins again where it runs
 
+    mirror.flush()  # Ray saving its state (tuner._ray.LiveJournal.get_state), then the driver dies
+
     restored.begin([("b", "PENDING", {})])  # the resumed search: Ray restored b
     restored.report("b", {"training_iteration": 1, "val_acc": 0.6})
     restored.end("b", {"training_iteration": 3}, errored=False)
+    restored.flush()
     trials = by_ray_id(read(run_folder / JOURNAL_FILE, "generated"))
     assert trials["a"].state == TrialState.FAIL and trials["a"].user_attrs["status"] == "completed"
     assert trials["b"].state == TrialState.COMPLETE and trials["b"].value == 0.6 and len(trials) == 2
+
+
+def test_mirror_writes_its_lines_a_second_apart_and_when_ray_saves(run_folder, monkeypatch):
+    from tuner._ray import LiveJournal
+
+    clock = Clock()
+    monkeypatch.setattr(journal.time, "monotonic", clock)
+    callback = LiveJournal(str(run_folder))
+    callback.mirror.begin([])
+    callback.mirror.start("a", {"lr": 0.01})
+    callback.on_step_end(1, [])
+    assert read(run_folder / JOURNAL_FILE, "generated").trials == []  # held: not a second yet
+    assert callback.get_state() is None  # Ray saving its state: the journal is written first
+    assert list(by_ray_id(read(run_folder / JOURNAL_FILE, "generated"))) == ["a"]
+    callback.mirror.report("a", {"training_iteration": 1, "val_acc": 0.5})
+    clock.now += journal.GATHER_S
+    callback.on_step_end(2, [])
+    assert read(run_folder / JOURNAL_FILE, "generated").trials[0].intermediate_values == {1: 0.5}
 
 
 def test_an_abandoned_attempts_journal_is_replaced(run_folder):
     old = Mirror(str(run_folder))
     old.begin([])
     old.start("from-before", {"lr": 0.01})
+    old.flush()
     new = Mirror(str(run_folder))
     new.begin([])  # --resume found nothing to resume: a new search, Ray knows none of the journal's trials
     new.start("new", {"lr": 0.01})
+    new.flush()
     assert list(by_ray_id(read(run_folder / JOURNAL_FILE, "generated"))) == ["new"]
 
 

@@ -142,6 +142,41 @@ def test_the_journal_holds_each_trial_as_it_ended(finished_search):
     assert [t.number for t in study.trials] == list(range(len(trials)))
 
 
+def tensorboard_scalars(trial_folder: Path) -> dict[str, dict[int, float]]:
+    """tag -> {step: value} of the TensorBoard event files in a trial's folder (TFRecord framing:
+    length, its CRC, an Event protobuf, its CRC; tensorboardX's own protobuf classes)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in trial_folder.glob("events.out.tfevents.*"):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out
+
+
+def test_tensorboard_shows_each_trials_epoch_metrics(finished_search):
+    """`tensorboard --logdir RUN_DIR`: each trial's epochs (tuner._ray.EpochTensorBoard, in place of
+    Ray's logger), the same values as history.parquet, and not the bookkeeping Ray's logs too."""
+    folder, _, _ = finished_search
+    run = folder / "runs" / "first"
+    trials, history, _ = run_tables(run)
+    for trial in trials:
+        scalars = tensorboard_scalars(Path(trial["path"]))
+        curve = {h["training_iteration"]: h["val_acc"] for h in history if h["trial_id"] == trial["trial_id"]}
+        assert scalars["ray/tune/val_acc"] == pytest.approx(curve, abs=1e-6)
+        assert set(scalars["ray/tune/train_loss"]) == set(curve)
+        assert {tag.split("/")[-1] for tag in scalars} <= {"train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                                                           "epoch_time_s", "train_images_per_sec"}, sorted(scalars)
+
+
 def test_same_seed_samples_the_same_configurations(finished_search):
     folder, space, _ = finished_search
     code, output = search("--space", str(space), "--storage", str(folder / "runs"), "--name", "second",

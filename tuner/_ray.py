@@ -7,6 +7,7 @@ run comes in as a tuner.plan.SearchPlan; the saved state's backup is tuner/ray_s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,13 +23,15 @@ import optuna
 import pyarrow.fs as pafs
 import ray
 from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from trainables.checkpoint import load_checkpoint, save_checkpoint
 from trainables.config import TrainConfig
 from trainables.data import Splits, load_data, make_splits
-from trainables.train import NonFiniteLossError, Trainer, flush_denormals
+from trainables.train import EpochMetrics, NonFiniteLossError, Trainer, flush_denormals
 
 from . import journal, latency, status, storage, tracking
 from .errors import ClusterError
@@ -437,11 +440,41 @@ def _tune_config(plan: SearchPlan) -> tune.TuneConfig:
 
 def _run_config(plan: SearchPlan, callbacks: list[tune.Callback]) -> tune.RunConfig:
     return tune.RunConfig(
-        name=plan.name, storage_path=plan.storage, callbacks=callbacks,
+        name=plan.name, storage_path=plan.storage, callbacks=[*callbacks, *_tensorboard(plan)],
         verbose=2 if plan.verbose else 0,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
         # num_to_keep: not Ray's (it forces a save of the whole state per trial); PruneCheckpoints keeps 2
     )
+
+
+def _tensorboard(plan: SearchPlan) -> list[tune.Callback]:
+    """Ray's TensorBoard logger, given each epoch's metrics only (EpochTensorBoard); none when
+    tensorboardX is not installed (Ray then adds none either)."""
+    try:
+        return [EpochTensorBoard(plan.metrics)]
+    except ImportError:
+        return []
+
+
+class EpochTensorBoard(TBXLoggerCallback):
+    """Ray Tune's TensorBoard logger (the one Ray adds by default, which this one replaces), told
+    only what a trial measured: each epoch's training metrics (trainables.train.EpochMetrics) and
+    the objectives' measured columns (params, latency_ms, ...), and at a trial's end the same as
+    hparams. Ray's own writes every number of the result, about 18 per epoch here: the trial's
+    placement, timestamps and Ray's counters too, a scalar each, in the driver's thread. It was
+    the largest of the driver's costs per trial (15.5 ms of about 60, bench/many_trials.py
+    --profile) and the bookkeeping half of it is in trials.parquet already."""
+
+    KEEP = frozenset(f.name for f in dataclasses.fields(EpochMetrics)) - {"epoch"}  # the step is the epoch
+
+    def __init__(self, metrics: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.keep = self.KEEP | set(metrics)
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        kept = {k: v for k, v in result.items() if k in self.keep}
+        kept[TRAINING_ITERATION] = result[TRAINING_ITERATION]  # the step
+        super().log_trial_result(iteration, trial, kept)
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
@@ -539,7 +572,10 @@ class StatusIndex(tune.Callback):
 class LiveJournal(tune.Callback):
     """Writes RUN_DIR/optuna.journal as trials start, report and end (tuner/journal.py: the study
     optuna-dashboard shows, a mirror of the search; the sampler's own study is not touched). Its
-    errors never stop a search: the first is told in one line, and the report rebuilds the journal."""
+    errors never stop a search: the first is told in one line, and the report rebuilds the journal.
+    Its lines are written together at most once a second (at a step's end), and whenever Ray saves
+    its experiment state: Ray asks each callback for its state just before it writes its own
+    (get_state), so the saved state never names a trial the journal on disk has not seen."""
 
     def __init__(self, run_dir: str) -> None:
         self.mirror = journal.Mirror(run_dir)
@@ -559,6 +595,13 @@ class LiveJournal(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.mirror.end(trial.trial_id, trial.last_result or {}, errored=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        self.mirror.flush(due=True)
+
+    def get_state(self):
+        self.mirror.flush()  # Ray is saving its state: the journal first
+        return None  # nothing of this callback's to save (a resumed search reopens the journal)
 
     def on_experiment_end(self, trials, **info):
         self.mirror.settle(_as_plain(trials))
