@@ -139,7 +139,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, im
     assert code == 0, output
     assert "resuming" in output
     if state == "cut off":  # (as saved, the kill may still have cut the copy off: no claim either way)
-        assert "restored the copy taken when a trial last ended" in output, output
+        assert "restored the copy taken after its last whole save" in output, output
     trials, history, summary = run_tables(experiment)
     assert len(trials) == 6 and summary["trials"] == 6  # num_samples honoured in total
     assert len({t["trial_id"] for t in trials}) == 6

@@ -613,22 +613,32 @@ def _as_plain(trials) -> list[tuple[str, str, dict[str, Any]]]:
 
 class BackUpState(tune.Callback):
     """Ray copies its experiment state into the run folder in place, not by rename: a driver
-    killed during the copy leaves the files empty, and `--resume` would restore nothing. Whenever
-    Ray has saved its state (seen at the end of a step) and each time a trial ends, the state
-    files that changed are copied to RUN_DIR/.state-backup/ (tuner/ray_state.py), from the
-    driver's staging folder, where Ray writes them whole in this thread before its copy into the
-    run folder."""
+    killed during the copy leaves the files empty, and `--resume` would restore nothing. Each
+    time Ray has saved its state, the state files are copied to RUN_DIR/.state-backup/
+    (tuner/ray_state.py) at the end of that step, from the driver's staging folder, where Ray
+    writes them whole in this thread before its copy into the run folder. A save is known by
+    Ray's call of get_state (it asks each callback for its state as it saves its own), so no step
+    looks at the files when Ray has not saved: at 1,000 trials, looking at them each step was the
+    backup's whole cost (bench/many_trials.py --profile)."""
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self.backup: StateBackup | None = None
+        self.saved = False  # Ray saved its state in this step: copied at its end
 
     @property
     def copies(self) -> int:
         """How many times changed state was copied: PruneCheckpoints deletes what it supersedes."""
         return self.backup.copies if self.backup else 0
 
-    def _update(self, trial) -> None:
+    def get_state(self):
+        self.saved = True
+        return None  # nothing of this callback's to save
+
+    def _update(self, trials) -> None:
+        if not (self.saved and trials):
+            return
+        self.saved, trial = False, trials[0]
         if self.backup is None or self.backup.source is None:  # the staging folder appears at Ray's first save
             staging = getattr(trial.storage, "experiment_driver_staging_path", None) if trial.storage else None
             source = staging if staging and os.path.isdir(staging) else None
@@ -639,14 +649,10 @@ class BackUpState(tune.Callback):
         self.backup.update()
 
     def on_step_end(self, iteration, trials, **info):
-        if trials:
-            self._update(trials[0])
+        self._update(trials)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._update(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._update(trial)
+    def on_experiment_end(self, trials, **info):
+        self._update(trials)  # Ray's last save, after the last step
 
 
 class PruneCheckpoints(tune.Callback):

@@ -2,7 +2,7 @@
 
 Ray copies its experiment state into the run folder in place, not by rename: a driver killed
 during the copy leaves the files empty, and `--resume` would restore nothing. back_up_state
-copies them aside when whole and changed (tuner._ray.BackUpState calls it each time a trial ends);
+copies them aside when whole and changed (tuner._ray.BackUpState calls it after each of Ray's saves);
 repair_state puts the copy back before a resume. Files only (pyarrow's filesystems, so a URI
 storage too); no Ray.
 """
@@ -132,7 +132,7 @@ def back_up_state(run_dir: str) -> bool:
 
 def repair_state(run_dir: str) -> str | None:
     """Before --resume: if Ray's state files in the run folder are damaged, put back the copy
-    taken when a trial last ended. Returns what was done, or None when nothing was damaged;
+    taken after Ray's last whole save. Returns what was done, or None when nothing was damaged;
     raises ClusterError when they are damaged and there is no whole copy."""
     fs, folder = filesystem(run_dir)
     damaged = [info for info in _state_files(fs, folder) if not _whole(fs, info)]
@@ -147,5 +147,5 @@ def repair_state(run_dir: str) -> str | None:
         fs.delete_file(info.path)
     for copy in copies:
         fs.copy_file(copy.path, f"{folder}/{copy.base_name}")
-    return (f"--resume: Ray's saved state was cut off ({len(damaged)} files); restored the copy taken when a "
-            "trial last ended (the trials that ended after it are drawn and run again)")
+    return (f"--resume: Ray's saved state was cut off ({len(damaged)} files); restored the copy taken "
+            "after its last whole save (the trials that ended after it are drawn and run again)")
