@@ -10,7 +10,9 @@ Trainer and reports each epoch with a checkpoint, OptunaSearch + ASHAScheduler, 
 `reuse_actors=True` (as the service: without it every trial would pay a fresh process, and the
 script would measure Python start-up rather than Ray and Optuna).
 
-For each search: wall time and the time of each block of 100 trials (by when they ended), the
+For each search: wall time, split into before Ray's fit, the fit (trials, Ray's final save and
+its ResultGrid), the report and the rest after the fit (tables, summary, rung diagnosis), and
+the time of each block of 100 trials (by when they ended), the
 driver process's CPU time per trial, the start gap (from a free slot to the next trial's first
 step), the time of each Optuna sample against the trials it had seen (Ray's OptunaSearch.suggest,
 timed in the driver), the bytes the driver wrote and those left in the run folder per trial, and
@@ -129,6 +131,35 @@ def hand_space(trial: optuna.Trial) -> None:
     trial.suggest_float("label_smoothing", 0.0, 0.2)
 
 
+PHASES: dict[str, float] = {}  # the search's phases, in seconds: when Ray's fit began and ended, the report
+
+
+def timed_phases() -> None:
+    """Times the service's phases from outside (the search's own code is not touched): Ray's fit
+    (from the Tuner's start to its return: the trials, Ray's final save and its ResultGrid) and the
+    report; what is left of the wall is the service's start (plan, Ray joined, space saved) and
+    its tables, summary and rung diagnosis."""
+    from tuner import _ray, search
+
+    fit, report = _ray.run_search, search.write_report_safely
+
+    def run_search(*args, **kwargs):
+        PHASES["fit_began"] = time.time()
+        try:
+            return fit(*args, **kwargs)
+        finally:
+            PHASES["fit_ended"] = time.time()
+
+    def write_report_safely(*args, **kwargs):
+        began = time.time()
+        try:
+            return report(*args, **kwargs)
+        finally:
+            PHASES["report_s"] = time.time() - began
+
+    _ray.run_search, search.write_report_safely = run_search, write_report_safely
+
+
 def run_hand(base: dict, storage: Path, name: str, trials: int) -> None:
     sampler = optuna.samplers.TPESampler(seed=0, multivariate=True, constant_liar=True)
     tuner = tune.Tuner(
@@ -138,7 +169,9 @@ def run_hand(base: dict, storage: Path, name: str, trials: int) -> None:
             scheduler=ASHAScheduler(metric="val_acc", mode="max", max_t=2, grace_period=1, reduction_factor=2),
             num_samples=trials, max_concurrent_trials=CONCURRENT, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+    PHASES["fit_began"] = time.time()
     tuner.fit()
+    PHASES["fit_ended"] = time.time()
 
 
 def run_service(space: Path, storage: Path, name: str, trials: int, mlflow: str | None = None) -> None:
@@ -205,6 +238,7 @@ def cpu_seconds() -> float:
 def measure(mode: str, trials: int, work: Path, space: Path, base: dict, mlflow: str | None = None) -> dict:
     name = f"{mode}-{trials}"
     SAMPLES.clear()
+    PHASES.clear()
     cpu, wrote, began = cpu_seconds(), written_bytes(), time.time()
     if mode in ("service", "mlflow"):
         run_service(space, work, name, trials, mlflow if mode == "mlflow" else None)
@@ -219,10 +253,22 @@ def measure(mode: str, trials: int, work: Path, space: Path, base: dict, mlflow:
            "driver_cpu_ms_per_trial": round(1000 * (cpu_seconds() - cpu) / trials, 1),
            **gap_figures(start_gaps(times, began)), **sample_figures(trials),
            "driver_kb_written_per_trial": round((written_bytes() - wrote) / trials / 1024, 1),
-           "folder_kb_per_trial": round(folder_bytes(work / name) / trials / 1024, 1)}
+           "folder_kb_per_trial": round(folder_bytes(work / name) / trials / 1024, 1),
+           **phase_figures(began, wall)}
     if mode == "service":
         out.update(cli_seconds(work / name))
     return out
+
+
+def phase_figures(began: float, wall: float) -> dict:
+    """Before Ray's fit, the fit, after it (the report apart): seconds."""
+    if "fit_ended" not in PHASES:
+        return {}
+    fit_s = PHASES["fit_ended"] - PHASES["fit_began"]
+    before_s = PHASES["fit_began"] - began
+    report_s = PHASES.get("report_s", 0.0)
+    return {"before_fit_s": round(before_s, 2), "fit_s": round(fit_s, 1), "report_in_search_s": round(report_s, 2),
+            "after_fit_s": round(wall - before_s - fit_s - report_s, 2)}
 
 
 def gap_figures(gaps: list[float]) -> dict:
@@ -353,6 +399,7 @@ def main() -> None:
         return
     ray.init(num_cpus=CONCURRENT, include_dashboard=False, log_to_driver=False)
     time_suggest()
+    timed_phases()
     results = []
     for trials in args.trials:
         for mode in args.modes:
