@@ -242,6 +242,34 @@ def test_windowed_tpe_is_tpe_up_to_its_window_and_bounded_past_it():
     assert len(draws(windowed, 200)) == 3
 
 
+def test_the_callback_copies_after_the_steps_in_which_ray_saved_and_only_then(tmp_path, monkeypatch):
+    """tuner._ray.BackUpState: Ray calls each callback's get_state as it saves its state; that
+    step's end copies the set, and no other step looks at the files (at 1,000 trials, looking at
+    them each step was the backup's whole cost)."""
+    run, staging = tmp_path / "run", tmp_path / "staging"
+    write_state(staging, 1)
+    trial = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
+    callback = _ray.BackUpState(str(run))
+    looked = []
+    update = StateBackup.update
+    monkeypatch.setattr(StateBackup, "update", lambda self: (looked.append(1), update(self))[1])
+    for step in range(5):
+        callback.on_step_end(step, [trial])
+    assert looked == [] and not (run / STATE_BACKUP).exists()  # Ray did not save: nothing looked at
+
+    assert callback.get_state() is None  # Ray saving its state (nothing of the callback's is saved)
+    callback.on_step_end(5, [trial])
+    assert callback.copies == 1 and len(looked) == 1
+    assert json.loads((run / STATE_BACKUP / STATE).read_text())["saved"] == 1
+    callback.on_step_end(6, [trial])
+    assert len(looked) == 1  # once per save
+
+    write_state(staging, 2)  # Ray's last save, after the last step
+    callback.get_state()
+    callback.on_experiment_end([trial])
+    assert callback.copies == 2 and json.loads((run / STATE_BACKUP / STATE).read_text())["saved"] == 2
+
+
 def test_the_backup_is_one_saves_set_even_when_a_kill_cuts_the_swap(tmp_path):
     """The set is copied aside and swapped in by rename; a kill between the two renames leaves the
     previous whole set in .state-backup.old, which repair_state puts back."""
