@@ -225,6 +225,7 @@ def test_report_keeps_the_journal_the_search_wrote_unless_it_misses_trials(gener
     mirror.begin([])
     for trial_id, (params, _, _) in list(TRIALS.items())[:started]:
         mirror.start(trial_id, params)
+    mirror.flush()  # as the driver does a second on, or when Ray saves its state
     written = (folder / JOURNAL_FILE).read_bytes()
     code, output = invoke("report", str(folder))
     assert code == 0, output
