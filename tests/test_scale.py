@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -268,6 +269,12 @@ def test_the_callback_copies_after_the_steps_in_which_ray_saved_and_only_then(tm
     callback.get_state()
     callback.on_experiment_end([trial])
     assert callback.copies == 2 and json.loads((run / STATE_BACKUP / STATE).read_text())["saved"] == 2
+
+    older = pickle.loads(pickle.dumps(callback))  # a search started by an older version: Ray's pickled copy
+    del older.__dict__["saved"]  # of a callback that had no such attribute, resumed by this one
+    older.on_step_end(7, [trial])
+    older.get_state()
+    older.on_step_end(8, [trial])
 
 
 def test_the_backup_is_one_saves_set_even_when_a_kill_cuts_the_swap(tmp_path):

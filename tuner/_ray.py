@@ -621,10 +621,12 @@ class BackUpState(tune.Callback):
     looks at the files when Ray has not saved: at 1,000 trials, looking at them each step was the
     backup's whole cost (bench/many_trials.py --profile)."""
 
+    saved = False  # Ray saved its state in this step: copied at its end (a class default: a search
+    # started by an older version resumes with the copy of this callback Ray pickled then)
+
     def __init__(self, run_dir: str) -> None:
         self.run_dir = run_dir
         self.backup: StateBackup | None = None
-        self.saved = False  # Ray saved its state in this step: copied at its end
 
     @property
     def copies(self) -> int:
