@@ -329,7 +329,9 @@ def cli_search(space: Path, work: Path, name: str, trials: int, *extra: str) -> 
 
 def kill_and_resume(space: Path, work: Path, trials: int) -> dict:
     """A search killed once half its trials ended, then resumed: trials in the end, trials run
-    twice (started again after they ended), and the resume's start-up (launch to its first trial)."""
+    twice (started again after they ended), trials that had ended but are lost (they started after
+    Ray's last save of its state, so it never knew them: a new trial is drawn in each one's place),
+    and the resume's start-up (launch to its first trial)."""
     import signal
 
     name, run_dir = f"resume-{trials}", work / f"resume-{trials}"
@@ -352,9 +354,11 @@ def kill_and_resume(space: Path, work: Path, trials: int) -> dict:
          f"pq.read_table('{run_dir}/trials.parquet', columns=['trial_id', 'epochs']).to_pylist()]"],
         capture_output=True, text=True).stdout.splitlines()]
     again = {e["trial_id"] for e in index_events(run_dir)[seen:] if "started" in e} & ended_before
+    lost = ended_before - {r["trial_id"] for r in rows}  # ended after Ray's last save and before it: not in its state
     return {"mode": "kill+resume", "trials": trials, "ended_before_kill": len(ended_before),
             "trials_in_table": len(rows), "distinct_trial_ids": len({r["trial_id"] for r in rows}),
-            "ended_trials_run_again": len(again), "resume_startup_s": round(first_start or -1, 1),
+            "ended_trials_run_again": len(again), "ended_trials_lost": len(lost),
+            "resume_startup_s": round(first_start or -1, 1),
             "resume_wall_s": round(time.time() - launched, 1), "resume_exit": resumed.returncode,
             "restored_backup": "restored the copy" in output}
 
