@@ -156,6 +156,53 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_session, im
     check_resumed_journal(experiment / JOURNAL_FILE, "killed", journal, trials, ended)
 
 
+def test_trials_that_started_and_ended_after_rays_last_save_are_kept(ray_session, image_folder, tmp_path):
+    """Ray saves its state every 10 s or more; with short trials a killed driver's last seconds can
+    hold many that started and ended since (79 of 151 in bench/many_trials.py --kill-resume 300).
+    Ray's restored state never knew them: --resume keeps them from the status index (their params
+    and epochs), tells the saved sampler, and Ray draws that many fewer, so the search ends at
+    num_samples with their work in the tables. Here Ray saves once, at its first step."""
+    space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 3})
+    storage = tmp_path / "runs"
+    experiment = storage / "unsaved"
+    command = [sys.executable, "-m", "tuner.cli", "search", "--space", str(space), "--storage", str(storage),
+               "--name", "unsaved", "--max-concurrent", "1", "--no-refit", "--cpus", "1"]
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "3600"})
+    deadline = time.monotonic() + 240
+    while (len(ended_by_index(experiment) - set(saved_statuses(experiment))) < 2 or not saved_statuses(experiment)) \
+            and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+    assert driver.poll() is None, driver.stdout.read().decode()
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    unsaved = ended_by_index(experiment) - set(saved_statuses(experiment))
+    ended, starts = ended_by_index(experiment), started_per_trial(experiment)
+    params = {trial_id: entry["params"] for trial_id, entry in status.read_index(experiment)[0].items()}
+
+    code, output = search("--space", str(space), "--storage", str(storage), "--name", "unsaved", "--max-concurrent",
+                          "1", "--no-refit", "--resume")
+    assert code == 0, output
+    assert f"--resume: {len(unsaved)} trial(s) started and ended after Ray last saved its state; kept" in output, output
+    trials, history, summary = run_tables(experiment)
+    assert len(trials) == 6 and summary["trials"] == 6 and len({t["trial_id"] for t in trials}) == 6
+    by_id = {t["trial_id"]: t for t in trials}
+    assert unsaved <= set(by_id)  # their work kept, not drawn again
+    for trial_id in unsaved:
+        epochs = [h["training_iteration"] for h in history if h["trial_id"] == trial_id]
+        assert epochs == list(range(1, by_id[trial_id]["epochs"] + 1)) and epochs
+        assert by_id[trial_id]["config/lr"] == params[trial_id]["lr"]
+        assert by_id[trial_id]["best_val_acc"] is not None and by_id[trial_id]["started_at"] is not None
+        assert all(h["train_loss"] is not None and h["lr"] is not None for h in history if h["trial_id"] == trial_id)
+    assert all(started_per_trial(experiment)[trial_id] == starts[trial_id] for trial_id in ended)  # none run again
+
+    import pickle
+    sampler = pickle.loads(max(experiment.glob("searcher-state-*.pkl")).read_bytes())["_ot_study"]
+    told = [t.params for t in sampler.trials if t.state.is_finished()]
+    assert all({"lr": params[t]["lr"], "batch_size": params[t]["batch_size"]} in told for t in unsaved), told
+    check_resumed_journal(experiment / JOURNAL_FILE, "unsaved", {}, trials, ended)
+
+
 def test_killed_trial_continues_from_its_checkpoint(image_folder, tmp_path):
     """The space's trial hook (tests/trial_hooks.py) kills the trial's process once epoch 2 trained,
     before its report; the driver runs in a subprocess with an embedded Ray, the hook's module on

@@ -34,10 +34,10 @@ from trainables.data import Splits, load_data, make_splits
 from trainables.train import EpochMetrics, NonFiniteLossError, Trainer, flush_denormals
 
 from . import journal, latency, status, storage, tracking
-from .errors import ClusterError
+from .errors import ClusterError, RunFileError
 from .plan import Cluster, SearchPlan
 from .ray_state import StateBackup
-from .results import TrialRecord, trial_status
+from .results import TrialRecord, read_record, trial_status
 from . import hooks
 
 METRIC_DIVERGED = "diverged"
@@ -271,7 +271,7 @@ def run_search(plan: SearchPlan, *, listener: Any, resume: bool, log: Any = None
     (tuner.progress.Progress); `log` (tuner.tracking.SearchLog) of trials ending."""
     path = plan.run_dir
     backup = BackUpState(path)
-    callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metric), backup,
+    callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metrics or plan.metric), backup,
                  PruneCheckpoints(plan.metric, plan.mode, backup), LiveJournal(path), *_tracked(log, plan)]
     if not plan.verbose:  # the legacy reporter at verbose=0 prints nothing; ours prints progress
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -299,7 +299,7 @@ def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: 
         settle_concurrency(path)
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True).fit()
     backup = BackUpState(path)
-    callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metric), backup,
+    callbacks = [ProgressCallback(listener), StatusIndex(path, plan.metrics or plan.metric), backup,
                  PruneCheckpoints(plan.metric, plan.mode, backup, below_best=False), *_tracked(log, plan)]
     config = tune.TuneConfig(max_concurrent_trials=plan.max_concurrent, reuse_actors=True,
                              trial_dirname_creator=_confirm_dirname)
@@ -403,6 +403,87 @@ def _tell_searcher(folder: str, ended: dict[str, dict[str, Any]]) -> None:
     os.replace(temporary, paths[-1])
 
 
+def keep_unsaved(run_dir: str) -> int:
+    """Before a restore: the trials that started and ended after Ray's last save of its state.
+    Ray's restored state has never heard of them (it saves every 10 s or more: with short trials,
+    a killed driver's last 10 s can be a hundred finished trials), so its searcher would draw as
+    many new ones in their place and their work would be lost. They are kept instead: the saved
+    searcher is told of each (its params, each epoch's value, its end, as Ray's OptunaSearch would
+    have told its study), Ray's count of the trials it drew moves on by as many (so the search still
+    ends at num_samples), and the status index marks them kept, for the tables (records) and the
+    journal. What is known of them is the status index's: their sampled params and each epoch's
+    few numbers; their checkpoints are in their folders. Local run folders; Ray's own file formats.
+    How many were kept."""
+    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
+
+    folder = storage.local_path(run_dir)
+    index = status.read_index(Path(folder)) if folder else None
+    try:
+        _, state = _newest_state(folder)
+        saved = {json.loads(entry[0]).get("trial_id") for entry in state["trial_data"]}
+        generator = _load_newest_checkpoint(folder, "search_gen_state-*.json")
+    except (OSError, ValueError, KeyError, TypeError, EOFError):  # nothing readable: Ray's restore says so
+        return 0
+    unsaved = {trial_id: entry for trial_id, entry in (index[0] if index else {}).items()
+               if entry["status"] == "TERMINATED" and entry["rows"] and entry["params"] is not None
+               and not entry["kept"] and trial_id not in saved}
+    if not unsaved or not isinstance(generator, dict) or "counter" not in generator:
+        return 0
+    _tell_searcher_of_unsaved(folder, unsaved)
+    generator["counter"] += len(unsaved)
+    name = max(Path(folder).glob("search_gen_state-*.json")).name
+    _atomic_save(generator, folder, name, f"tmp-{name}")
+    storage.append_lines(run_dir, storage.STATUS_INDEX,
+                         [line for trial_id in unsaved for line in status.index_lines("kept", trial_id, at=time.time())])
+    return len(unsaved)
+
+
+def _tell_searcher_of_unsaved(folder: str, unsaved: dict[str, dict[str, Any]]) -> None:
+    """The saved searcher (searcher-state-*.pkl) told of trials Ray never knew, through its Optuna
+    study's public API: each enqueued with its params and asked for, its epochs reported (one
+    objective: as OptunaSearch.on_trial_result), its constraints set and its last epoch told (as
+    on_trial_complete). A trial without its objectives' values is told as failed."""
+    import pickle
+
+    paths = sorted(Path(folder).glob("searcher-state-*.pkl"))
+    try:
+        saved = pickle.loads(paths[-1].read_bytes())
+        distributions = journal.param_distributions(read_record(Path(folder)).space)
+    except (IndexError, OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError, RunFileError):
+        return
+    if not isinstance(saved, dict) or "_ot_study" not in saved:  # not an OptunaSearch (a confirmation)
+        return
+    searcher = ConstrainedOptunaSearch.__new__(ConstrainedOptunaSearch)
+    searcher.__dict__.update({"constraints": (), **saved})
+    study, metrics = searcher._ot_study, searcher._metric
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    for entry in unsaved.values():
+        params = {n: v for n, v in entry["params"].items() if n in distributions and v is not None}
+        study.enqueue_trial(params)
+        trial = study.ask({n: distributions[n] for n in params})
+        last = entry["rows"][-1]
+        values = [last.get(name) for name in names]
+        if isinstance(metrics, str):
+            for row in entry["rows"]:
+                if row.get(metrics) is not None and not row.get(METRIC_DIVERGED):
+                    trial.report(row[metrics], int(row.get("training_iteration") or 0))
+        for constraint in searcher.constraints:
+            trial.set_constraint(str(constraint), constraint.violation(last.get(constraint.metric)))
+        if None in values:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, values[0] if isinstance(metrics, str) else values)
+    temporary = paths[-1].with_name(f".keep-{paths[-1].name}")
+    searcher.save(str(temporary))
+    os.replace(temporary, paths[-1])
+
+
+def kept_trials(run_dir: str | None) -> dict[str, dict[str, Any]]:
+    """The trials --resume kept (keep_unsaved): their status index entries, by trial id."""
+    index = status.read_index(Path(run_dir)) if run_dir and not storage.is_uri(run_dir) else None
+    return {trial_id: entry for trial_id, entry in (index[0] if index else {}).items() if entry["kept"] and entry["rows"]}
+
+
 def _confirm_dirname(trial) -> str:
     """confirm_<trial id>_of_<search trial>_seed<seed>: short, where Ray's default spells out every param."""
     run = trial.config["run"]
@@ -413,12 +494,13 @@ def confirm_dir(plan: SearchPlan) -> str:
     return f"{plan.run_dir}/{storage.CONFIRM_DIR}"
 
 
-def interrupted(grid: tune.ResultGrid, expected: int | None) -> bool:
+def interrupted(grid: tune.ResultGrid, expected: int | None, run_dir: str | None = None) -> bool:
     """Ray Tune returns normally after a Ctrl-C: trials left unfinished tell it was interrupted,
-    or fewer trials than expected (None: a time limit, fewer are fine)."""
+    or fewer trials than expected (None: a time limit, fewer are fine), counting those --resume
+    kept in run_dir (keep_unsaved: Ray does not know them)."""
     trials = grid._experiment_analysis.trials  # statuses are not on the public Result objects
     unfinished = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
-    return unfinished or (expected is not None and len(trials) < expected)
+    return unfinished or (expected is not None and len(trials) + len(kept_trials(run_dir)) < expected)
 
 
 def can_resume(run_dir: str) -> bool:
@@ -542,15 +624,16 @@ class StatusIndex(tune.Callback):
     trial starts, reports an epoch (its few numbers) and ends, so `tune-resnet status` reads one
     file, current, not every trial's result.json (Ray's copies, every 10 s or more). O(1) per event."""
 
-    def __init__(self, run_dir: str, metric: str) -> None:
-        self.run_dir, self.metric = run_dir, metric
+    def __init__(self, run_dir: str, metrics: str | tuple[str, ...]) -> None:
+        self.run_dir, self.metric = run_dir, metrics  # the objectives: each epoch's line has them
 
     def setup(self, **info):
         self._append(status.index_lines("search", "", at=time.time()))
 
     def on_trial_start(self, iteration, trials, trial, **info):
         logdir = getattr(trial.storage, "trial_dir_name", None) if trial.storage else None
-        self._append(status.index_lines("start", trial.trial_id, at=time.time(), logdir=logdir))
+        self._append(status.index_lines("start", trial.trial_id, at=time.time(), logdir=logdir,
+                                        params=trial.config or {}))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._append(status.index_lines("epoch", trial.trial_id, at=time.time(),
@@ -579,10 +662,13 @@ class LiveJournal(tune.Callback):
 
     def __init__(self, run_dir: str) -> None:
         self.mirror = journal.Mirror(run_dir)
+        self.run_dir = run_dir
 
     def on_step_begin(self, iteration, trials, **info):
         if not self.mirror.begun:  # the first step: a resumed search's restored trials are known
-            self.mirror.begin(_as_plain(trials))
+            kept = kept_trials(getattr(self, "run_dir", None))  # and those it kept that Ray never knew
+            self.mirror.begin(_as_plain(trials), [(trial_id, entry["params"] or {}, entry["rows"])
+                                                  for trial_id, entry in kept.items()])
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.mirror.start(trial.trial_id, trial.config or {})
@@ -604,11 +690,15 @@ class LiveJournal(tune.Callback):
         return None  # nothing of this callback's to save (a resumed search reopens the journal)
 
     def on_experiment_end(self, trials, **info):
-        self.mirror.settle(_as_plain(trials))
+        self.mirror.settle(_as_plain(trials) + _kept_as_plain(kept_trials(getattr(self, "run_dir", None))))
 
 
 def _as_plain(trials) -> list[tuple[str, str, dict[str, Any]]]:
     return [(t.trial_id, t.status, t.last_result or {}) for t in trials]
+
+
+def _kept_as_plain(kept: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(trial_id, "TERMINATED", entry["rows"][-1]) for trial_id, entry in kept.items()]
 
 
 class BackUpState(tune.Callback):
@@ -760,7 +850,20 @@ def records(grid: tune.ResultGrid, run_dir: str | None = None) -> list[TrialReco
         error = str(result.error).strip().splitlines()[-1] if result.error else None
         out.append(TrialRecord(trial_id, dict(result.config or {}), history, error,
                                _as_uri(result.filesystem, result.path), checkpoint, retries.get(trial_id, 0)))
+    in_grid = {record.trial_id for record in out}
+    for trial_id, entry in indexed.items():  # kept by --resume: Ray never knew them (keep_unsaved)
+        if entry["kept"] and trial_id not in in_grid and entry["rows"]:
+            out.append(_kept_record(run_dir, trial_id, entry))
     return out
+
+
+def _kept_record(run_dir: str, trial_id: str, entry: dict[str, Any]) -> TrialRecord:
+    """A trial --resume kept, from the status index: its params, its epochs' few numbers, its
+    folder and its newest checkpoint there (PruneCheckpoints left it if it can be the best)."""
+    path = Path(run_dir, entry["logdir"]) if entry["logdir"] else None
+    checkpoints = sorted(path.glob("checkpoint_*")) if path else []
+    return TrialRecord(trial_id, dict(entry["params"] or {}), [dict(row) for row in entry["rows"]], None,
+                       str(path) if path else None, str(checkpoints[-1]) if checkpoints else None, 0)
 
 
 def _retries(grid: tune.ResultGrid) -> dict[str, int]:

@@ -348,10 +348,14 @@ class Mirror:
         """begin() was called in this process (or there is nothing to begin: a URI, an error)."""
         return self._study is not None or self.failed or self.shape is None
 
-    def begin(self, ray_trials: Iterable[tuple[str, str, Mapping[str, Any]]]) -> None:
+    def begin(self, ray_trials: Iterable[tuple[str, str, Mapping[str, Any]]],
+              kept: Iterable[tuple[str, Mapping[str, Any], list[Mapping[str, Any]]]] = ()) -> None:
         """At the search's first step, Ray's trials as (id, Ray status, last result): none in a new
-        search, the restored ones in a resumed one. Opens the journal and settles it with them."""
-        self._safely(self._begin, list(ray_trials))
+        search, the restored ones in a resumed one. Opens the journal and settles it with them.
+        kept: trials --resume kept that Ray never knew (tuner._ray.keep_unsaved), as (id, params,
+        epoch rows): what the journal lacks of them (lines lost with a killed driver) is told first,
+        and they end as ended trials."""
+        self._safely(self._begin, list(ray_trials), list(kept))
 
     def start(self, ray_id: str, params: Mapping[str, Any]) -> None:
         if self._study is not None:
@@ -382,7 +386,8 @@ class Mirror:
     def _read_shape(self) -> None:
         self.shape = StudyShape.of(self.folder.name, read_record(self.folder))
 
-    def _begin(self, ray_trials: list[tuple[str, str, Mapping[str, Any]]]) -> None:
+    def _begin(self, ray_trials: list[tuple[str, str, Mapping[str, Any]]],
+               kept: list[tuple[str, Mapping[str, Any], list[Mapping[str, Any]]]] = ()) -> None:
         if self.shape is None or self._study is not None:
             return
         attrs = {LIVE: True, "run_dir": str(self.folder.resolve())}
@@ -392,7 +397,11 @@ class Mirror:
             self.path.unlink()
             study = JournalStudy(self.path, self.shape, attrs=attrs, gather=True)
         self._study = study
-        self._settle(ray_trials)
+        for ray_id, params, rows in kept:
+            study.start(ray_id, params)  # nothing when it is there: a trial's start is one line
+            for row in rows:
+                study.report(ray_id, row)  # nothing for an epoch there, or once it ended
+        self._settle([*ray_trials, *((ray_id, "TERMINATED", rows[-1]) for ray_id, _, rows in kept if rows)])
         study.flush()
 
     def _end(self, ray_id: str, last: Mapping[str, Any], errored: bool) -> None:

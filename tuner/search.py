@@ -129,7 +129,7 @@ def _search(spec: SearchSpec, plan: SearchPlan, resume: bool, say: Say,
                             measured=plan.measure)
     found = pareto.select(found, spec)  # several objectives, constraints, selection.pick: the front and the pick
     results.write(found, plan.run_dir)
-    if _ray.interrupted(grid, None if plan.time_limit_s else plan.num_samples):
+    if _ray.interrupted(grid, None if plan.time_limit_s else plan.num_samples, plan.run_dir):
         raise Interrupted(f"interrupted with {found.summary.trials} of {plan.num_samples} trials started; "
                           f"state saved in {plan.run_dir}; continue with the same command plus --resume")
     diagnostics = rungs.diagnose_space(spec.model_dump(mode="json"), found.trials, found.history,
@@ -179,6 +179,10 @@ def _resume_possible(run_dir: str, say: Say) -> bool:
         settled = _ray.settle_ended(run_dir)
         if settled:
             say(f"--resume: {settled} trial(s) ended after Ray last saved its state; kept as ended, not run again")
+        kept = _ray.keep_unsaved(run_dir)
+        if kept:
+            say(f"--resume: {kept} trial(s) started and ended after Ray last saved its state; kept (from the "
+                "status index), told to the sampler, and counted in the trials to run")
         return True
     say(f"--resume: nothing to resume at {run_dir}; starting anew")
     return False

@@ -213,31 +213,42 @@ def _status(folder: Path, budget: Budget, trials: dict[str, TrialState], newest:
 # ---------------------------------------------------------------------------------------------
 
 INDEX_FIELDS = ("trial_id", "training_iteration", "epoch", "timestamp", "time_total_s", "epoch_time_s", "diverged",
-                "node_id", "val_acc", "val_loss")
+                "node_id", "val_acc", "val_loss",
+                # the rest of a history.parquet row and of the trial's columns: what the tables take from
+                # the index for an epoch Ray's copy of result.json lacks, or a trial --resume kept
+                "train_loss", "train_acc", "lr", "train_images_per_sec", "reported_at", "between_epochs_s",
+                "started_at", "setup_s", "pid", "node_ip")
 
 
-def index_row(result: dict[str, Any], metric: str) -> dict[str, Any]:
-    """What the screen reads of one reported epoch (best so far, epochs, epoch time, clock)."""
-    return {key: result.get(key) for key in (*INDEX_FIELDS, metric) if result.get(key) is not None}
+def index_row(result: dict[str, Any], metrics: str | tuple[str, ...]) -> dict[str, Any]:
+    """What the screen reads of one reported epoch (best so far, epochs, epoch time, clock), with
+    the search's objectives (what --resume tells the sampler of a trial Ray's state never knew)."""
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    return {key: result.get(key) for key in (*INDEX_FIELDS, *metrics) if result.get(key) is not None}
 
 
 def index_lines(event: str, trial_id: str, *, at: float, logdir: str | None = None, ray_status: str | None = None,
-                row: dict[str, Any] | None = None) -> list[str]:
+                row: dict[str, Any] | None = None, params: dict[str, Any] | None = None) -> list[str]:
     """The index's line for an event: 'search' (started at `at`), 'start' (of a trial, in its folder
-    logdir), 'epoch' (a report: its index_row) or 'end' (Ray's final status)."""
+    logdir, with its sampled params), 'epoch' (a report: its index_row), 'end' (Ray's final status)
+    or 'kept' (a trial that ended after Ray's last save and that --resume kept: tuner._ray.keep_unsaved)."""
     if event == "search":
         return [json.dumps({"search_started": at})]
     if event == "start":
-        return [json.dumps({"trial_id": trial_id, "started": at, "logdir": logdir})]
+        plain = {k: v for k, v in (params or {}).items() if v is None or isinstance(v, (str, int, float, bool))}
+        return [json.dumps({"trial_id": trial_id, "started": at, "logdir": logdir, "params": plain})]
     if event == "epoch":
         return [json.dumps({"trial_id": trial_id, "row": row})]
+    if event == "kept":
+        return [json.dumps({"trial_id": trial_id, "kept": at})]
     return [json.dumps({"trial_id": trial_id, "ended": ray_status, "at": at})]
 
 
 def read_index(folder: Path) -> tuple[dict[str, dict[str, Any]], float | None] | None:
-    """({trial_id: {logdir, status, rows}}, search start) from the folder's status index: Ray's
-    status of each trial (RUNNING until it ended) and its reported epochs, a repeated epoch (a
-    retry's) by its later report. None when there is no index (an older run)."""
+    """({trial_id: {logdir, params, status, rows, kept}}, search start) from the folder's status
+    index: Ray's status of each trial (RUNNING until it ended), its sampled params, its reported
+    epochs (a repeated epoch, a retry's, by its later report), and whether --resume kept it (it
+    ended after Ray's last save: tuner._ray.keep_unsaved). None when there is no index (an older run)."""
     try:
         text = (folder / storage.STATUS_INDEX).read_text()
     except OSError:
@@ -252,11 +263,15 @@ def read_index(folder: Path) -> tuple[dict[str, dict[str, Any]], float | None] |
         if "search_started" in event:
             started_at = started_at or event["search_started"]
             continue
-        entry = trials.setdefault(event["trial_id"], {"logdir": None, "status": "RUNNING", "rows": {}})
+        entry = trials.setdefault(event["trial_id"], {"logdir": None, "params": None, "status": "RUNNING",
+                                                      "rows": {}, "kept": False})
         if "row" in event:
             entry["rows"][int(event["row"].get("training_iteration", len(entry["rows"]) + 1))] = event["row"]
         elif "started" in event:  # (again, after a retry or a resume: running again)
-            entry.update(logdir=event.get("logdir") or entry["logdir"], status="RUNNING")
+            entry.update(logdir=event.get("logdir") or entry["logdir"], status="RUNNING",
+                         params=event.get("params") or entry["params"])
+        elif "kept" in event:
+            entry["kept"] = True
         else:
             entry["status"] = event.get("ended")
     for entry in trials.values():
