@@ -381,26 +381,42 @@ def settle_ended(run_dir: str) -> int:
     return len(settled)
 
 
-def _tell_searcher(folder: str, ended: dict[str, dict[str, Any]]) -> None:
-    """The searcher's saved state (searcher-state-*.pkl: OptunaSearch.save pickles its __dict__)
-    told of trials that ended, with their last results, through its own on_trial_complete."""
+def _saved_searcher(folder: str) -> tuple[ConstrainedOptunaSearch, Path] | None:
+    """The searcher's saved state (searcher-state-*.pkl: OptunaSearch.save pickles its __dict__) as
+    the search's own searcher (run_search), and its file; None when there is none, or it is not
+    an OptunaSearch (a confirmation's)."""
     import pickle
 
     paths = sorted(Path(folder).glob("searcher-state-*.pkl"))
     try:
         saved = pickle.loads(paths[-1].read_bytes())
     except (IndexError, OSError, pickle.UnpicklingError, EOFError):
-        return
-    if not isinstance(saved, dict) or "_ot_trials" not in saved:  # not an OptunaSearch (a confirmation)
-        return
-    searcher = ConstrainedOptunaSearch.__new__(ConstrainedOptunaSearch)  # the search's own (run_search)
+        return None
+    if not isinstance(saved, dict) or "_ot_trials" not in saved:
+        return None
+    searcher = ConstrainedOptunaSearch.__new__(ConstrainedOptunaSearch)
     searcher.__dict__.update({"constraints": (), **saved})
+    return searcher, paths[-1]
+
+
+def _save_searcher(searcher: ConstrainedOptunaSearch, path: Path) -> None:
+    """Back into its file, whole or not at all."""
+    temporary = path.with_name(f".settle-{path.name}")
+    searcher.save(str(temporary))
+    os.replace(temporary, path)
+
+
+def _tell_searcher(folder: str, ended: dict[str, dict[str, Any]]) -> None:
+    """The saved searcher told of trials that ended, with their last results, through its own
+    on_trial_complete."""
+    found = _saved_searcher(folder)
+    if found is None:
+        return
+    searcher, path = found
     for trial_id, result in ended.items():
         if trial_id in searcher._ot_trials and trial_id not in searcher._completed_trials:
             searcher.on_trial_complete(trial_id, result=result)
-    temporary = paths[-1].with_name(f".settle-{paths[-1].name}")
-    searcher.save(str(temporary))
-    os.replace(temporary, paths[-1])
+    _save_searcher(searcher, path)
 
 
 def keep_unsaved(run_dir: str) -> int:
@@ -412,7 +428,7 @@ def keep_unsaved(run_dir: str) -> int:
     have told its study), Ray's count of the trials it drew moves on by as many (so the search still
     ends at num_samples), and the status index marks them kept, for the tables (records) and the
     journal. What is known of them is the status index's: their sampled params and each epoch's
-    few numbers; their checkpoints are in their folders. Local run folders; Ray's own file formats.
+    history row; their checkpoints are in their folders. Local run folders; Ray's own file formats.
     How many were kept."""
     from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
 
@@ -443,18 +459,14 @@ def _tell_searcher_of_unsaved(folder: str, unsaved: dict[str, dict[str, Any]]) -
     study's public API: each enqueued with its params and asked for, its epochs reported (one
     objective: as OptunaSearch.on_trial_result), its constraints set and its last epoch told (as
     on_trial_complete). A trial without its objectives' values is told as failed."""
-    import pickle
-
-    paths = sorted(Path(folder).glob("searcher-state-*.pkl"))
+    found = _saved_searcher(folder)
     try:
-        saved = pickle.loads(paths[-1].read_bytes())
         distributions = journal.param_distributions(read_record(Path(folder)).space)
-    except (IndexError, OSError, pickle.UnpicklingError, EOFError, ValueError, KeyError, RunFileError):
+    except (OSError, ValueError, KeyError, RunFileError):
         return
-    if not isinstance(saved, dict) or "_ot_study" not in saved:  # not an OptunaSearch (a confirmation)
+    if found is None:
         return
-    searcher = ConstrainedOptunaSearch.__new__(ConstrainedOptunaSearch)
-    searcher.__dict__.update({"constraints": (), **saved})
+    searcher, path = found
     study, metrics = searcher._ot_study, searcher._metric
     names = [metrics] if isinstance(metrics, str) else list(metrics)
     for entry in unsaved.values():
@@ -473,9 +485,7 @@ def _tell_searcher_of_unsaved(folder: str, unsaved: dict[str, dict[str, Any]]) -
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         else:
             study.tell(trial, values[0] if isinstance(metrics, str) else values)
-    temporary = paths[-1].with_name(f".keep-{paths[-1].name}")
-    searcher.save(str(temporary))
-    os.replace(temporary, paths[-1])
+    _save_searcher(searcher, path)
 
 
 def kept_trials(run_dir: str | None) -> dict[str, dict[str, Any]]:
@@ -621,7 +631,7 @@ class EndTrackedTrials(tune.Callback):
 
 class StatusIndex(tune.Callback):
     """Appends RUN_DIR/status-index.jsonl (tuner/status.py): a line when the search starts, when a
-    trial starts, reports an epoch (its few numbers) and ends, so `tune-resnet status` reads one
+    trial starts, reports an epoch (its history row) and ends, so `tune-resnet status` reads one
     file, current, not every trial's result.json (Ray's copies, every 10 s or more). O(1) per event."""
 
     def __init__(self, run_dir: str, metrics: str | tuple[str, ...]) -> None:
@@ -858,7 +868,7 @@ def records(grid: tune.ResultGrid, run_dir: str | None = None) -> list[TrialReco
 
 
 def _kept_record(run_dir: str, trial_id: str, entry: dict[str, Any]) -> TrialRecord:
-    """A trial --resume kept, from the status index: its params, its epochs' few numbers, its
+    """A trial --resume kept, from the status index: its params, its epochs' history rows, its
     folder and its newest checkpoint there (PruneCheckpoints left it if it can be the best)."""
     path = Path(run_dir, entry["logdir"]) if entry["logdir"] else None
     checkpoints = sorted(path.glob("checkpoint_*")) if path else []
@@ -901,7 +911,7 @@ def _completed(history: list[dict[str, Any]], last: dict[str, Any],
     copy of the driver's file, and a trial restarted after its node was lost had its file replaced
     by that copy (Ray's JsonLoggerCallback restores it from storage on each start): seen to end
     with fewer epochs than the trial reported. The driver holds the trial's last result whole (the
-    last row) and the status index the few numbers of each epoch between (tuner/status.py)."""
+    last row) and the status index the history row of each epoch between (tuner/status.py)."""
     have = int(history[-1].get("training_iteration") or 0) if history else 0
     upto = int(last.get("training_iteration") or 0)
     if upto <= have:

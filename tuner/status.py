@@ -9,7 +9,7 @@ shared storage) while the search runs:
 - search.json (the budget) and trials.parquet (the final statuses), once the search has ended.
 
 A search also appends a status index (status-index.jsonl: a line when a trial starts, reports an
-epoch (the few numbers the screen shows) and ends, written by the driver as it happens). Where
+epoch (its history row: what the screen shows and what the tables may need) and ends, written by the driver as it happens). Where
 it is, only it is read: `status` answers as fast with 1,000 trials ended as with 10 (it read
 each trial's result.json and Ray's 23 MB state before), and is current, where the run folder's
 result.json files and state are Ray's copies, made every 10 s or more.
