@@ -315,11 +315,9 @@ def settle_concurrency(run_dir: str) -> None:
     while Ray copied its files into the run folder can leave them from two saves, one naming as
     running a trial the other has ended; Ray would then wait forever for a free slot. Local run
     folders; Ray's own file formats, read and written with Ray's helpers."""
-    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
-
     folder = storage.local_path(run_dir)
     try:
-        state = _load_newest_checkpoint(folder, "search_gen_state-*.json") if folder else None
+        state = _search_gen_state(folder) if folder else None
         limiter = (state or {}).get("name:ConcurrencyLimiter")
         if not limiter or not limiter.get("live_trials"):
             return
@@ -330,8 +328,23 @@ def settle_concurrency(run_dir: str) -> None:
     if stale:
         limiter["live_trials"] -= stale
         limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
-        name = max(Path(folder).glob("search_gen_state-*.json")).name
-        _atomic_save(state, folder, name, f"tmp-{name}")
+        _save_search_gen_state(folder, state)
+
+
+def _search_gen_state(folder: str) -> Any:
+    """Ray's newest saved search_gen_state (its SearchGenerator's count of trials drawn and its
+    wrappers' states, a pickle despite the name), read with Ray's own helper; None when there is none."""
+    from ray.tune.utils.util import _load_newest_checkpoint
+
+    return _load_newest_checkpoint(folder, "search_gen_state-*.json")
+
+
+def _save_search_gen_state(folder: str, state: Any) -> None:
+    """Back over the newest one, with Ray's own atomic write."""
+    from ray.tune.utils.util import _atomic_save
+
+    name = max(Path(folder).glob("search_gen_state-*.json")).name
+    _atomic_save(state, folder, name, f"tmp-{name}")
 
 
 def _unfinished_trials(folder: str) -> set[str]:
@@ -430,14 +443,12 @@ def keep_unsaved(run_dir: str) -> int:
     journal. What is known of them is the status index's: their sampled params and each epoch's
     history row; their checkpoints are in their folders. Local run folders; Ray's own file formats.
     How many were kept."""
-    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
-
     folder = storage.local_path(run_dir)
     index = status.read_index(Path(folder)) if folder else None
     try:
         _, state = _newest_state(folder)
         saved = {json.loads(entry[0]).get("trial_id") for entry in state["trial_data"]}
-        generator = _load_newest_checkpoint(folder, "search_gen_state-*.json")
+        generator = _search_gen_state(folder)
     except (OSError, ValueError, KeyError, TypeError, EOFError):  # nothing readable: Ray's restore says so
         return 0
     unsaved = {trial_id: entry for trial_id, entry in (index[0] if index else {}).items()
@@ -447,8 +458,7 @@ def keep_unsaved(run_dir: str) -> int:
         return 0
     _tell_searcher_of_unsaved(folder, unsaved)
     generator["counter"] += len(unsaved)
-    name = max(Path(folder).glob("search_gen_state-*.json")).name
-    _atomic_save(generator, folder, name, f"tmp-{name}")
+    _save_search_gen_state(folder, generator)
     storage.append_lines(run_dir, storage.STATUS_INDEX,
                          [line for trial_id in unsaved for line in status.index_lines("kept", trial_id, at=time.time())])
     return len(unsaved)
@@ -460,11 +470,11 @@ def _tell_searcher_of_unsaved(folder: str, unsaved: dict[str, dict[str, Any]]) -
     objective: as OptunaSearch.on_trial_result), its constraints set and its last epoch told (as
     on_trial_complete). A trial without its objectives' values is told as failed."""
     found = _saved_searcher(folder)
+    if found is None:
+        return
     try:
         distributions = journal.param_distributions(read_record(Path(folder)).space)
     except (OSError, ValueError, KeyError, RunFileError):
-        return
-    if found is None:
         return
     searcher, path = found
     study, metrics = searcher._ot_study, searcher._metric
@@ -488,9 +498,9 @@ def _tell_searcher_of_unsaved(folder: str, unsaved: dict[str, dict[str, Any]]) -
     _save_searcher(searcher, path)
 
 
-def kept_trials(run_dir: str | None) -> dict[str, dict[str, Any]]:
+def kept_trials(run_dir: str | Path | None) -> dict[str, dict[str, Any]]:
     """The trials --resume kept (keep_unsaved): their status index entries, by trial id."""
-    index = status.read_index(Path(run_dir)) if run_dir and not storage.is_uri(run_dir) else None
+    index = status.read_index(Path(run_dir)) if run_dir and not storage.is_uri(str(run_dir)) else None
     return {trial_id: entry for trial_id, entry in (index[0] if index else {}).items() if entry["kept"] and entry["rows"]}
 
 
@@ -635,7 +645,9 @@ class StatusIndex(tune.Callback):
     file, current, not every trial's result.json (Ray's copies, every 10 s or more). O(1) per event."""
 
     def __init__(self, run_dir: str, metrics: str | tuple[str, ...]) -> None:
-        self.run_dir, self.metric = run_dir, metrics  # the objectives: each epoch's line has them
+        # the objectives, each epoch's line has them (named `metric` as in a search started before:
+        # a resumed search gets the callback Ray pickled then)
+        self.run_dir, self.metric = run_dir, metrics
 
     def setup(self, **info):
         self._append(status.index_lines("search", "", at=time.time()))
@@ -672,11 +684,10 @@ class LiveJournal(tune.Callback):
 
     def __init__(self, run_dir: str) -> None:
         self.mirror = journal.Mirror(run_dir)
-        self.run_dir = run_dir
 
     def on_step_begin(self, iteration, trials, **info):
         if not self.mirror.begun:  # the first step: a resumed search's restored trials are known
-            kept = kept_trials(getattr(self, "run_dir", None))  # and those it kept that Ray never knew
+            kept = kept_trials(self.mirror.folder)  # and those it kept that Ray never knew
             self.mirror.begin(_as_plain(trials), [(trial_id, entry["params"] or {}, entry["rows"])
                                                   for trial_id, entry in kept.items()])
 
@@ -700,7 +711,7 @@ class LiveJournal(tune.Callback):
         return None  # nothing of this callback's to save (a resumed search reopens the journal)
 
     def on_experiment_end(self, trials, **info):
-        self.mirror.settle(_as_plain(trials) + _kept_as_plain(kept_trials(getattr(self, "run_dir", None))))
+        self.mirror.settle(_as_plain(trials) + _kept_as_plain(kept_trials(self.mirror.folder)))
 
 
 def _as_plain(trials) -> list[tuple[str, str, dict[str, Any]]]:
