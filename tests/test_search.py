@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -175,6 +176,19 @@ def test_tensorboard_shows_each_trials_epoch_metrics(finished_search):
         assert set(scalars["ray/tune/train_loss"]) == set(curve)
         assert {tag.split("/")[-1] for tag in scalars} <= {"train_loss", "train_acc", "val_loss", "val_acc", "lr",
                                                            "epoch_time_s", "train_images_per_sec"}, sorted(scalars)
+
+
+def test_each_result_is_written_once_to_result_json_and_not_to_a_csv_copy(finished_search):
+    """Ray's JSON logger is passed and Ray's automatic loggers are off (tuner._ray._fit): each epoch
+    is one line of result.json, and no progress.csv repeats it."""
+    folder, _, _ = finished_search
+    trials, history, _ = run_tables(folder / "runs" / "first")
+    for trial in trials:
+        path = Path(trial["path"])
+        lines = [json.loads(line) for line in (path / "result.json").read_text().splitlines()]
+        assert [r["training_iteration"] for r in lines] == list(range(1, trial["epochs"] + 1))
+        assert not (path / "progress.csv").exists()
+    assert os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") is None  # set only while the fit ran
 
 
 def test_same_seed_samples_the_same_configurations(finished_search):

@@ -23,7 +23,7 @@ import optuna
 import pyarrow.fs as pafs
 import ray
 from ray import tune
-from ray.tune.logger import TBXLoggerCallback
+from ray.tune.logger import JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -283,10 +283,8 @@ def run_search(plan: SearchPlan, *, listener: Any, resume: bool, log: Any = None
         warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument took")
     if resume:
         settle_concurrency(path)
-        tuner = tune.Tuner.restore(path, trainable=_trainable(plan), resume_errored=True)
-    else:
-        tuner = tune.Tuner(_trainable(plan), tune_config=_tune_config(plan), run_config=_run_config(plan, callbacks))
-    return tuner.fit()
+        return tune.Tuner.restore(path, trainable=_trainable(plan), resume_errored=True).fit()
+    return _fit(tune.Tuner(_trainable(plan), tune_config=_tune_config(plan), run_config=_run_config(plan, callbacks)))
 
 
 def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: Any, resume: bool,
@@ -305,8 +303,29 @@ def run_confirmation(plan: SearchPlan, runs: list[dict[str, Any]], *, listener: 
                              trial_dirname_creator=_confirm_dirname)
     run_config = _run_config(plan, callbacks)
     run_config.name, run_config.storage_path = storage.CONFIRM_DIR, plan.run_dir
-    return tune.Tuner(trainable, param_space={"run": tune.grid_search(runs)}, tune_config=config,
-                      run_config=run_config).fit()
+    return _fit(tune.Tuner(trainable, param_space={"run": tune.grid_search(runs)}, tune_config=config,
+                           run_config=run_config))
+
+
+NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # Ray's documented switch (ray.tune env variables)
+
+
+def _fit(tuner: tune.Tuner) -> tune.ResultGrid:
+    """tuner.fit() for a new experiment, without the loggers Ray would add: _run_config passes
+    Ray's JSON logger (result.json, which the tables, status and Ray's ResultGrid read) and
+    EpochTensorBoard, and Ray's CSV logger would write each result a second time, to a
+    progress.csv nothing reads (a cost per result in the driver's thread, bench/many_trials.py).
+    A restored experiment runs with Ray's defaults: its callbacks are the ones it was saved with,
+    which, for a search started by an older version, lack the JSON logger."""
+    before = os.environ.get(NO_AUTO_LOGGERS)
+    os.environ[NO_AUTO_LOGGERS] = "1"  # Ray reads it once, as the fit creates its callbacks
+    try:
+        return tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop(NO_AUTO_LOGGERS, None)
+        else:
+            os.environ[NO_AUTO_LOGGERS] = before
 
 
 def settle_concurrency(run_dir: str) -> None:
@@ -542,7 +561,7 @@ def _tune_config(plan: SearchPlan) -> tune.TuneConfig:
 
 def _run_config(plan: SearchPlan, callbacks: list[tune.Callback]) -> tune.RunConfig:
     return tune.RunConfig(
-        name=plan.name, storage_path=plan.storage, callbacks=[*callbacks, *_tensorboard(plan)],
+        name=plan.name, storage_path=plan.storage, callbacks=[*callbacks, JsonLoggerCallback(), *_tensorboard(plan)],
         verbose=2 if plan.verbose else 0,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
         # num_to_keep: not Ray's (it forces a save of the whole state per trial); PruneCheckpoints keeps 2

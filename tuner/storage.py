@@ -2,7 +2,7 @@
 names, where the refit model lives (best/), and how its files are written and read back.
 
     RUN_DIR/search.json        the space, base config and budget      (written by search, first)
-    RUN_DIR/trial_*/result.json one JSON line per epoch                (written by Ray Tune)
+    RUN_DIR/trial_*/result.json one JSON line per epoch                (written by Ray Tune; no progress.csv)
     RUN_DIR/status-index.jsonl a line per trial started or ended       (appended by search as trials go;
                                                                         `status` reads it, not every trial)
     RUN_DIR/optuna.journal     the Optuna study, for optuna-dashboard  (written by search as trials go, in a
