@@ -1,11 +1,11 @@
 """Clusters: cluster.yaml against Ray's own validator, resource planning over several nodes, the
-storage checks, and a real two-node Ray cluster on this machine that a search runs on.
+storage checks, and real multi-node Ray clusters on this machine that searches run on.
 
-The two-node cluster is two `ray start --block` processes (a head and a worker, each declaring
-1 CPU and 2 GPUs that do not exist), with their own ports and temp folder so they never meet the
-session's embedded Ray; the search runs in a separate driver process, as `tune-resnet search
---address` would on a real cluster. Both nodes have this machine's IP, so trials are told apart
-by Ray node id.
+A cluster here is `ray start --block` processes (a head and workers, each declaring 1 CPU and 2
+GPUs that do not exist; the lost-node test's head declares none, so trials run on its two workers
+only), with their own ports and temp folder so they never meet the session's embedded Ray; the
+search runs in a separate driver process, as `tune-resnet search --address` would on a real
+cluster. Every node has this machine's IP, so trials are told apart by Ray node id.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tuner.plan import Cluster, SearchOptions, load_spec, plan_resources
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
-NODE_CPUS, NODE_GPUS = 1, 2  # per node; two nodes
+NODE_CPUS, NODE_GPUS = 1, 2  # per node that runs trials
 TRIALS_AT_ONCE = 8           # 4 GPUs / 0.5 per trial, and 2 CPUs / 0.25 per trial
 
 
@@ -303,27 +303,30 @@ def child_env(**extra: str) -> dict[str, str]:
                                "RAY_AUTH_TOKEN": CLUSTER_TOKEN, **extra})  # trials import trial_hooks
 
 
-def start_node(temp_dir: Path, log: Path, env: dict, *args: str) -> subprocess.Popen:
-    """`ray start --block` in its own process group, with every port of its own."""
+def start_node(temp_dir: Path, log: Path, env: dict, *args: str, cpus: int = NODE_CPUS,
+               gpus: int = NODE_GPUS) -> subprocess.Popen:
+    """`ray start --block` in its own process group, with every port of its own; the process
+    carries its node manager's port (`manager_port`), which Ray's node table names."""
     ports = dict(zip(("--node-manager-port", "--object-manager-port", "--metrics-export-port",
                       "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"),
                      free_ports(6)))
     command = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
-               "--num-cpus", str(NODE_CPUS), "--num-gpus", str(NODE_GPUS),
+               "--num-cpus", str(cpus), "--num-gpus", str(gpus),
                "--object-store-memory", str(100 * 1024**2), "--temp-dir", str(temp_dir),
                *[str(x) for pair in ports.items() for x in pair], *args]
     with log.open("w") as out:
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        node = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    node.manager_port = ports["--node-manager-port"]
+    return node
 
 
-def wait_for_port(port: int, timeout_s: float) -> None:
+def wait_for_start(node: subprocess.Popen, log: Path, timeout_s: float) -> None:
+    """Until `ray start` says its node runs (it then blocks); its log's end if it exits first."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+    while "Ray runtime started" not in log.read_text():
+        assert node.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no node after {timeout_s:.0f} s: " + log.read_text()[-3000:]
         time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:.0f} s")
 
 
 def stop(nodes: list[subprocess.Popen], temp_dir: Path) -> None:
@@ -352,18 +355,23 @@ def processes_using(temp_dir: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def two_nodes(prefix: str):
-    """A head and a worker started with `ray start` on this machine; yields its address, folder,
-    node processes, environment and facts about it; stops both and removes the folder after."""
+def ray_nodes(prefix: str, workers: int = 1, head_cpus: int = NODE_CPUS, head_gpus: int = NODE_GPUS):
+    """A head and `workers` workers started with `ray start` on this machine; yields its address,
+    folder, node processes (head first), environment and facts about it; stops every node and
+    removes the folder after."""
     temp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))  # short: Ray's socket paths have a length limit
     env = child_env()
     port, dashboard_port = free_ports(2)
     nodes = [start_node(temp_dir, temp_dir / "head.log", env, "--head", "--port", str(port),
-                        "--include-dashboard", "false", "--dashboard-port", str(dashboard_port))]
+                        "--include-dashboard", "false", "--dashboard-port", str(dashboard_port),
+                        cpus=head_cpus, gpus=head_gpus)]
     try:
-        wait_for_port(port, 60)
-        nodes.append(start_node(temp_dir, temp_dir / "worker.log", env, "--address", f"127.0.0.1:{port}"))
-        facts = probe(f"127.0.0.1:{port}", temp_dir)
+        wait_for_start(nodes[0], temp_dir / "head.log", 120)
+        for i in range(workers):  # one at a time: two nodes registering at once time out on 2 busy cores
+            log = temp_dir / f"worker-{i}.log"
+            nodes.append(start_node(temp_dir, log, env, "--address", f"127.0.0.1:{port}"))
+            wait_for_start(nodes[-1], log, 120)
+        facts = probe(f"127.0.0.1:{port}", temp_dir, len(nodes))
         yield {"address": f"127.0.0.1:{port}", "temp_dir": temp_dir, "nodes": nodes, "env": env, **facts}
     finally:
         stop(nodes, temp_dir)
@@ -373,7 +381,7 @@ def two_nodes(prefix: str):
 @pytest.fixture(scope="module")
 def local_cluster():
     """Head + worker, 1 CPU and 2 GPUs each; yields its address and facts about it."""
-    with two_nodes("trc-") as cluster:
+    with ray_nodes("trc-") as cluster:
         (cluster["temp_dir"] / "barrier").mkdir()  # for trial_hooks.Barrier
         yield cluster
 
@@ -384,21 +392,22 @@ import ray
 from tuner import _ray
 ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
 deadline = time.monotonic() + 90
-while sum(n["Alive"] for n in ray.nodes()) < 2 and time.monotonic() < deadline:
+while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[3]) and time.monotonic() < deadline:
     time.sleep(0.2)
 print(json.dumps({"node_ids": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
                   "head_id": next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"]),
+                  "node_ports": {n["NodeID"]: n["NodeManagerPort"] for n in ray.nodes() if n["Alive"]},
                   "cluster": dataclasses.asdict(_ray._describe(embedded=False)),
                   "missing_there": _ray.nodes_missing(sys.argv[2]),
                   "missing_absent": _ray.nodes_missing(sys.argv[2] + ".absent")}))
 """
 
 
-def probe(address: str, temp_dir: Path) -> dict:
-    """Waits until both nodes are alive, then asks each node, by a task pinned to it, about a file."""
+def probe(address: str, temp_dir: Path, nodes: int) -> dict:
+    """Waits until every node is alive, then asks each node, by a task pinned to it, about a file."""
     there = temp_dir / "there"
     there.write_text("x")
-    done = subprocess.run([sys.executable, "-c", PROBE, address, str(there)], env=child_env(), cwd=ROOT,
+    done = subprocess.run([sys.executable, "-c", PROBE, address, str(there), str(nodes)], env=child_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -512,8 +521,9 @@ def test_search_with_a_uri_storage_uploads_tables_checkpoints_and_model(local_cl
 
 @pytest.fixture
 def cluster_to_break():
-    """Head + worker of their own (this test kills the worker), 1 CPU each."""
-    with two_nodes("trk-") as cluster:
+    """A head with no CPU or GPU (it holds Ray's control plane and the driver, no trial) and two
+    workers of their own, 1 CPU each: the test kills one worker."""
+    with ray_nodes("trk-", workers=2, head_cpus=0, head_gpus=0) as cluster:
         yield cluster
 
 
@@ -539,14 +549,27 @@ def wait_for(condition, timeout_s: float, driver: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
+def running_epochs(run_dir: Path, max_epochs: int) -> dict[str, tuple[str, int]]:
+    """Trials that reported an epoch and have epochs left, not ended: trial id -> (node id, last epoch)."""
+    last: dict[str, tuple[str, int]] = {}
+    for event in index_events(run_dir):
+        if "row" in event:
+            last[event["trial_id"]] = (event["row"].get("node_id"), event["row"]["training_iteration"])
+        elif "ended" in event or "started" in event:
+            last.pop(event["trial_id"], None)  # ended, or started again: no epoch of this run yet
+    return {t: (node, epoch) for t, (node, epoch) in last.items() if epoch < max_epochs}
+
+
 def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break, image_folder, tmp_path):
-    """SIGKILL to the worker node (its raylet and trial processes) while a trial trains there:
-    Ray retries the trial on the head from its last checkpoint; the search ends with exactly
-    num_samples trials, none run twice, the restart counted. Then the node comes back (a new
-    `ray start`) and trials run on it again: a trial starting on the head from then on waits at
-    its start (trial_hooks.PauseAndHold) until one has reported from the node that came back."""
+    """Two worker nodes run trials; SIGKILL to one of them (its raylet and trial processes) while
+    trials train on both: Ray retries its trial on the other worker from its last checkpoint; the
+    search ends with exactly num_samples trials, none run twice, the restart counted. Then the
+    node comes back (a new `ray start`) and trials run on it again: a trial starting on the
+    surviving worker from then on waits at its start (trial_hooks.PauseAndHold) until one has
+    reported from the node that came back."""
     cluster = cluster_to_break
-    worker_id = next(n for n in cluster["node_ids"] if n != cluster["head_id"])
+    workers = [n for n in cluster["node_ids"] if n != cluster["head_id"]]
+    assert len(workers) == 2
     hold = tmp_path / "hold"
     space = write_space(tmp_path, image_folder, budget={"num_samples": 6, "max_epochs": 4, "grace_period": 4},
                         trial={"cpus": 1, "gpus": 0, "hook": "trial_hooks:PauseAndHold",
@@ -557,15 +580,16 @@ def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break,
     driver = subprocess.Popen(command, env=cluster["env"], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
-        on_worker = lambda: [e["trial_id"] for e in index_events(run_dir)  # noqa: E731
-                             if e.get("row", {}).get("node_id") == worker_id and e["row"]["training_iteration"] >= 1]
-        wait_for(on_worker, 240, driver)
-        lost = on_worker()[0]
-        os.killpg(cluster["nodes"][1].pid, signal.SIGKILL)  # `ray start --block` and what it started
-        cluster["nodes"][1].wait()
+        on_both = lambda: {node for node, _ in running_epochs(run_dir, 4).values()} >= set(workers)  # noqa: E731
+        wait_for(on_both, 240, driver)
+        lost, (victim, _) = min(running_epochs(run_dir, 4).items(), key=lambda item: item[1][1])  # most epochs left
+        survivor = next(n for n in workers if n != victim)
+        node = next(p for p in cluster["nodes"] if p.manager_port == cluster["node_ports"][victim])
+        os.killpg(node.pid, signal.SIGKILL)  # `ray start --block` and what it started
+        node.wait()
         restarted = lambda: sum(e.get("trial_id") == lost and "started" in e for e in index_events(run_dir)) >= 2  # noqa: E731
         wait_for(restarted, 180, driver)
-        (tmp_path / "hold.new").write_text(cluster["head_id"])
+        (tmp_path / "hold.new").write_text(survivor)
         os.replace(tmp_path / "hold.new", hold)  # whole when the hook reads it
         cluster["nodes"].append(start_node(cluster["temp_dir"], cluster["temp_dir"] / "worker-back.log",
                                            cluster["env"], "--address", cluster["address"]))  # the node comes back
@@ -582,7 +606,8 @@ def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break,
                                                     for t in trials]
     by_id = {t["trial_id"]: t for t in trials}
     assert by_id[lost]["retries"] >= 1 and summary["retries"] == sum(t["retries"] for t in trials)
-    assert by_id[lost]["node_id"] != worker_id  # it ended elsewhere
+    assert by_id[lost]["node_id"] != victim  # it ended elsewhere
+    assert cluster["head_id"] not in {t["node_id"] for t in trials}  # the head has no CPU: trials on workers only
     assert "restarts from a checkpoint" in output
     for trial_id in by_id:  # no epoch trained twice: the retry went on from its checkpoint
         epochs = [h["training_iteration"] for h in history if h["trial_id"] == trial_id]
