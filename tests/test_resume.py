@@ -307,3 +307,61 @@ def test_state_backup_keeps_the_last_whole_copy_and_repair_puts_it_back(tmp_path
         copy.unlink()
     with pytest.raises(Exception, match="is damaged .* and there is no whole copy"):
         repair_state(str(run))
+
+
+def test_asha_rungs_after_a_resume_hold_what_they_held_before_it(tmp_path):
+    """Ray saves no scheduler with an experiment: a restored search gets the one pickled at its
+    start, rungs empty. ResumableASHA, restored that way, tells itself what the status index holds:
+    its rungs then match those of the ASHA that ran the search, and a poor first epoch after the
+    resume is stopped, where Ray's ASHA as restored would let it go on."""
+    import pickle
+    import random
+
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from tuner import storage
+    from tuner._ray import ResumableASHA
+
+    run_dir = tmp_path / "moved" / "search"  # where the run folder is now: Ray's restored trials name it
+    experiment = StorageContext(storage_path=str(run_dir.parent), experiment_dir_name=run_dir.name)
+
+    settings = dict(time_attr="training_iteration", metric="val_acc", mode="max", max_t=8, grace_period=1,
+                    reduction_factor=2)
+    live, restored_plain = ASHAScheduler(**settings), pickle.loads(pickle.dumps(ASHAScheduler(**settings)))
+    restored = pickle.loads(pickle.dumps(ResumableASHA(**settings)))  # as tuner.pkl holds it
+    rng, lines, ids = random.Random(0), [], [f"t{i:02d}" for i in range(14)]
+    for i, trial_id in enumerate(ids):  # the search before the driver was killed: 12 trials ended, 2 running
+        trial = Trial("x", stub=True, trial_id=trial_id)
+        live.on_trial_add(None, trial)
+        lines += status.index_lines("start", trial_id, at=0.0, params={})
+        for epoch in range(1, 9):
+            result = {"training_iteration": epoch, "val_acc": rng.random() if i < 12 else 1.0}  # the 2 go on
+            lines += status.index_lines("epoch", trial_id, at=0.0, row=status.index_row(result, "val_acc"))
+            stop = live.on_trial_result(None, trial, result) == TrialScheduler.STOP
+            if i >= 12 and epoch == 3:  # running at the kill; its checkpoint is from epoch 2
+                break
+            if stop or epoch == 8:
+                live.on_trial_complete(None, trial, result)
+                lines += status.index_lines("end", trial_id, at=0.0, ray_status="TERMINATED")
+                break
+    storage.append_lines(str(run_dir), storage.STATUS_INDEX, lines)
+    rungs = lambda scheduler: scheduler.debug_string().splitlines()[1:]  # noqa: E731 (without its stop count)
+    assert any("None" not in rung for rung in rungs(live))
+
+    for scheduler in (restored, restored_plain):  # Ray's restore: each trial of its saved state added again
+        for trial_id in ids:
+            scheduler.on_trial_add(None, Trial("x", stub=True, trial_id=trial_id, storage=experiment))
+    assert rungs(restored) != rungs(restored_plain)
+    for trial_id in ids[12:]:  # the running two restart from their checkpoints: epoch 3 again
+        result = {"training_iteration": 3, "val_acc": 0.5}
+        live.on_trial_result(None, Trial("x", stub=True, trial_id=trial_id), result)
+        restored.on_trial_result(None, Trial("x", stub=True, trial_id=trial_id), result)
+    assert rungs(restored) == rungs(live)
+
+    poor = {"training_iteration": 1, "val_acc": -1.0}  # a new trial, after the resume
+    for scheduler in (restored, restored_plain):
+        scheduler.on_trial_add(None, Trial("x", stub=True, trial_id="new"))
+    assert restored.on_trial_result(None, Trial("x", stub=True, trial_id="new"), poor) == TrialScheduler.STOP
+    assert restored_plain.on_trial_result(None, Trial("x", stub=True, trial_id="new"), poor) == TrialScheduler.CONTINUE

@@ -551,12 +551,63 @@ def _tune_config(plan: SearchPlan) -> tune.TuneConfig:
     searcher = ConstrainedOptunaSearch(space=plan.define_by_run, metric=list(plan.metrics) if several else plan.metric,
                                        mode=list(plan.modes) if several else plan.mode, sampler=plan.sampler,
                                        constraints=plan.constraints)
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=plan.metric, mode=plan.mode,
+    scheduler = ResumableASHA(time_attr=TRAINING_ITERATION, metric=plan.metric, mode=plan.mode,
                               max_t=plan.max_epochs, grace_period=plan.grace_period,
                               reduction_factor=plan.reduction_factor)
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
                            max_concurrent_trials=plan.max_concurrent, time_budget_s=plan.time_limit_s,
                            reuse_actors=True)  # a reused process keeps torch imported and the data loaded
+
+
+class ResumableASHA(ASHAScheduler):
+    """Ray Tune's ASHA, whose rungs survive --resume. Ray saves no scheduler with an experiment
+    (ray-project/ray#30838): a restored search runs with the one pickled in tuner.pkl at its start,
+    its rungs empty, so the trials after a resume would be judged against few or no others and
+    stopped less. This one, at the first trial Ray adds in a process (on a restore, before any
+    trial runs), tells itself, through ASHA's own on_trial_add / on_trial_result /
+    on_trial_complete, every result of each trial the status index saw end (kept ones included),
+    each trial's in the order it reported them (what a rung records of a trial does not depend on
+    the others'), so its rungs hold what they held before the driver stopped; the decisions it
+    returns for them are moot. A trial that was running (or errored, and
+    is retried) has its epochs before the one it restarts at told at its first result. The run
+    folder is the one Ray's restored trials name (a folder moved since is followed); a new search's
+    index has no trial yet: nothing to tell. Remote (URI) storage: not read."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._told = False
+        self._restarting: dict[str, list[dict[str, Any]]] = {}  # trial id -> epochs told at its first result
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._told:
+            self._told = True
+            self._tell_ended(tune_controller, trial.storage)
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        rows = self._restarting.pop(trial.trial_id, None)
+        if rows and self._time_attr in result:
+            for row in rows:
+                if row.get(self._time_attr, math.inf) < result[self._time_attr]:  # not to be reported again
+                    super().on_trial_result(tune_controller, trial, row)
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def _tell_ended(self, tune_controller, experiment: Any) -> None:
+        """experiment: the trial's Ray StorageContext (None for a trial without one)."""
+        folder = storage.local_path(_as_uri(experiment.storage_filesystem, experiment.experiment_fs_path)) \
+            if experiment is not None else None
+        index = status.read_index(Path(folder)) if folder else None
+        for trial_id, entry in (index[0] if index else {}).items():
+            if not entry["rows"]:
+                continue
+            if entry["status"] != "TERMINATED":
+                self._restarting[trial_id] = entry["rows"]
+                continue
+            ended = tune.experiment.Trial(self.__class__.__name__, stub=True, trial_id=trial_id)
+            super().on_trial_add(tune_controller, ended)
+            for row in entry["rows"]:
+                super().on_trial_result(tune_controller, ended, row)
+            super().on_trial_complete(tune_controller, ended, entry["rows"][-1])
 
 
 def _run_config(plan: SearchPlan, callbacks: list[tune.Callback]) -> tune.RunConfig:
