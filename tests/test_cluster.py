@@ -614,3 +614,18 @@ def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break,
         assert epochs == [1, 2, 3, 4], (trial_id, epochs)
     assert len(came_back(run_dir, cluster["node_ids"])) == 1  # the node started again: a new node id
     assert any(by_id[t]["node_id"] in came_back(run_dir, cluster["node_ids"]) for t in by_id)
+
+
+def test_a_restarted_trials_history_gets_the_epochs_rays_copy_lacks():
+    """Ray's copy of result.json, restored into a trial restarted on another node, can lag: it then
+    lacks the last epochs, or, when the trial restarted from a checkpoint newer than the copy, an
+    epoch between (seen on a lost node: 1, 2, 4). The status index's rows fill them; the driver's
+    last result is the last row."""
+    row = lambda epoch, source: {"training_iteration": epoch, "val_acc": epoch / 10, "from": source}  # noqa: E731
+    index = [row(epoch, "index") for epoch in (1, 2, 3, 4)]
+    whole = [row(epoch, "ray") for epoch in (1, 2, 3, 4)]
+    assert _ray._completed(whole, whole[-1], index) == whole  # nothing lacking: Ray's own rows
+    short = _ray._completed(whole[:2], row(4, "driver"), index)
+    assert [(r["training_iteration"], r["from"]) for r in short] == [(1, "ray"), (2, "ray"), (3, "index"), (4, "driver")]
+    gap = _ray._completed([whole[0], whole[1], whole[3]], whole[3], index)
+    assert [(r["training_iteration"], r["from"]) for r in gap] == [(1, "ray"), (2, "ray"), (3, "index"), (4, "ray")]

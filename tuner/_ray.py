@@ -991,11 +991,17 @@ def _completed(history: list[dict[str, Any]], last: dict[str, Any],
     """The history with the epochs Ray's result.json lacks. The run folder's result.json is Ray's
     copy of the driver's file, and a trial restarted after its node was lost had its file replaced
     by that copy (Ray's JsonLoggerCallback restores it from storage on each start): seen to end
-    with fewer epochs than the trial reported. The driver holds the trial's last result whole (the
-    last row) and the status index the history row of each epoch between (tuner/status.py)."""
-    have = int(history[-1].get("training_iteration") or 0) if history else 0
-    upto = int(last.get("training_iteration") or 0)
-    if upto <= have:
+    with fewer epochs than the trial reported, and, where the copy lagged the trial's checkpoint,
+    with a gap (epochs 1, 2, 4 of a trial restarted from its checkpoint at 3). The driver holds the
+    trial's last result whole (the last row) and the status index the history row of each epoch
+    (tuner/status.py)."""
+    def epoch(row: dict[str, Any]) -> int:
+        return int(row.get(TRAINING_ITERATION) or 0)
+
+    have = {epoch(row) for row in history}
+    upto = epoch(last)
+    missing = [row for row in indexed if 0 < epoch(row) < upto and epoch(row) not in have]
+    tail = [last] if upto > max(have, default=0) else []
+    if not missing and not tail:
         return history
-    between = [row for row in indexed if have < int(row.get("training_iteration") or 0) < upto]
-    return [*history, *between, last]
+    return sorted([*history, *missing, *tail], key=epoch)  # stable: a repeated epoch keeps its order
