@@ -32,7 +32,7 @@ import yaml
 from test_search import run_tables, search, write_space
 from trainables.config import TrainConfig
 from trial_hooks import with_tests_on_path
-from tuner import _ray
+from tuner import _ray, status
 from tuner.errors import SearchError
 from tuner.plan import Cluster, SearchOptions, load_spec, plan_resources
 
@@ -550,14 +550,12 @@ def wait_for(condition, timeout_s: float, driver: subprocess.Popen) -> None:
 
 
 def running_epochs(run_dir: Path, max_epochs: int) -> dict[str, tuple[str, int]]:
-    """Trials that reported an epoch and have epochs left, not ended: trial id -> (node id, last epoch)."""
-    last: dict[str, tuple[str, int]] = {}
-    for event in index_events(run_dir):
-        if "row" in event:
-            last[event["trial_id"]] = (event["row"].get("node_id"), event["row"]["training_iteration"])
-        elif "ended" in event or "started" in event:
-            last.pop(event["trial_id"], None)  # ended, or started again: no epoch of this run yet
-    return {t: (node, epoch) for t, (node, epoch) in last.items() if epoch < max_epochs}
+    """Before any restart: trials running with an epoch reported and epochs left, from the status
+    index (tuner.status.read_index): trial id -> (node id, last epoch)."""
+    index = status.read_index(run_dir)
+    return {trial_id: (entry["rows"][-1].get("node_id"), entry["rows"][-1]["training_iteration"])
+            for trial_id, entry in (index[0] if index else {}).items()
+            if entry["status"] == "RUNNING" and entry["rows"] and entry["rows"][-1]["training_iteration"] < max_epochs}
 
 
 def test_a_node_lost_mid_search_its_trials_finish_on_the_other(cluster_to_break, image_folder, tmp_path):

@@ -568,10 +568,10 @@ class ResumableASHA(ASHAScheduler):
     on_trial_complete, every result of each trial the status index saw end (kept ones included),
     each trial's in the order it reported them (what a rung records of a trial does not depend on
     the others'), so its rungs hold what they held before the driver stopped; the decisions it
-    returns for them are moot. A trial that was running (or errored, and
-    is retried) has its epochs before the one it restarts at told at its first result. The run
-    folder is the one Ray's restored trials name (a folder moved since is followed); a new search's
-    index has no trial yet: nothing to tell. Remote (URI) storage: not read."""
+    returns for them are moot. A trial that was running (or errored, and is retried) has its
+    epochs before the one it restarts at told at its first result. The run folder is the one Ray's
+    restored trials name (a folder moved since is followed); a new search's index has no trial
+    yet: nothing to tell. Remote (URI) storage: not read."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -594,8 +594,9 @@ class ResumableASHA(ASHAScheduler):
 
     def _tell_ended(self, tune_controller, experiment: Any) -> None:
         """experiment: the trial's Ray StorageContext (None for a trial without one)."""
-        folder = storage.local_path(_as_uri(experiment.storage_filesystem, experiment.experiment_fs_path)) \
-            if experiment is not None else None
+        folder = None
+        if experiment is not None:
+            folder = storage.local_path(_as_uri(experiment.storage_filesystem, experiment.experiment_fs_path))
         index = status.read_index(Path(folder)) if folder else None
         for trial_id, entry in (index[0] if index else {}).items():
             if not entry["rows"]:
